@@ -1,0 +1,197 @@
+"""Box→mask evaluation on a COCO-format dataset: the one implementation that the benchmark, the SIM
+evaluation and the retrain evaluation all call.
+
+For every non-crowd ground-truth box, the engine predicts a mask (all boxes of an image in one
+:meth:`BoxToMask.predict` call, labels = the COCO category names). Figures:
+
+- ``mIoU``: mean over boxes of IoU(predicted mask >= ``mask_threshold``, ground-truth mask), in [0, 1];
+  ``mIoU_small`` / ``mIoU_medium`` / ``mIoU_large`` split by the COCO size of the ground truth
+  (annotation ``area`` < 32², < 96², >= 96² pixels, as COCOeval does).
+- ``AP`` / ``AP50`` / ``AP75`` (and ``AP_small`` / ``AP_medium`` / ``AP_large``): COCO segm AP from
+  pycocotools' COCOeval, every predicted mask submitted as a detection of its box's category with the
+  engine's score, RLE-encoded with ``pycocotools.mask``. **Percent, 0–100**, the convention of the COCO
+  leaderboard and of the SIM paper (32.2 AP); a perfect engine gives 100.
+- ``ms_per_box``: median over boxes of (its image's predict time / that image's box count), milliseconds;
+  ``ms_per_image``: median over images of the predict time, milliseconds. Wall clock, one process.
+
+A box that :func:`sim_model.box_to_mask.check_boxes` rejects (none in coco-mini) is not sent to the
+engine; it counts as IoU 0 with no detection and is listed in ``skipped``.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from sim_model.box_to_mask import BoxToMask, BoxToMaskError, check_boxes
+
+#: COCO size ranges by ground-truth area in pixels (COCOeval's areaRng): small < 32², medium < 96².
+SMALL_AREA = 32 ** 2
+MEDIUM_AREA = 96 ** 2
+
+
+def coco_size(area: float) -> str:
+    """COCO size class of an object of ``area`` pixels: "small", "medium" or "large"."""
+    return "small" if area < SMALL_AREA else ("medium" if area < MEDIUM_AREA else "large")
+
+
+def xywh_to_xyxy(bbox) -> np.ndarray:
+    """COCO [x, y, w, h] (pixels) → (4,) float32 XYXY (pixels)."""
+    x, y, w, h = (float(v) for v in bbox)
+    return np.array([x, y, x + w, y + h], np.float32)
+
+
+def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """IoU of two binary masks.
+
+    Args:
+        pred, gt: (H, W) bool (or 0/1) arrays of the same shape.
+
+    Returns:
+        |pred ∧ gt| / |pred ∨ gt| in [0, 1]; 1.0 when both are empty.
+    """
+    pred = pred.astype(bool)
+    gt = gt.astype(bool)
+    union = np.logical_or(pred, gt).sum()
+    return float(np.logical_and(pred, gt).sum() / union) if union else 1.0
+
+
+def encode_mask(mask: np.ndarray) -> dict:
+    """(H, W) bool mask → COCO compressed RLE (``counts`` as str, JSON-serialisable)."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def coco_segm_ap(coco_gt: COCO, detections: list[dict], image_ids: list[int]) -> dict[str, float]:
+    """COCO segm AP of mask detections with pycocotools' COCOeval.
+
+    Args:
+        coco_gt: the ground truth.
+        detections: COCO result dicts {image_id, category_id, segmentation (RLE), score}.
+        image_ids: the images evaluated (others are ignored).
+
+    Returns:
+        {"AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large"} in percent (0–100); -1 where COCOeval
+        has no ground truth for a size range; all 0.0 when there are no detections.
+    """
+    keys = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large"]
+    if not detections:
+        return {k: 0.0 for k in keys}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(detections)
+        ev = COCOeval(coco_gt, coco_dt, iouType="segm")
+        ev.params.imgIds = list(image_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {k: (float(v) * 100.0 if v >= 0 else -1.0) for k, v in zip(keys, ev.stats[:6])}
+
+
+def evaluate_box_to_mask(engine: BoxToMask, coco_json: str | os.PathLike, image_dir: str | os.PathLike, *,
+                         max_images: int | None = None, progress: bool = True,
+                         mask_threshold: float = 0.5) -> dict[str, Any]:
+    """Evaluate a box→mask engine on the ground-truth boxes of a COCO instances dataset.
+
+    Args:
+        engine: any :class:`BoxToMask`.
+        coco_json: COCO instances JSON (boxes [x, y, w, h] pixels; polygon or RLE masks).
+        image_dir: folder holding the images named by ``images[].file_name``.
+        max_images: evaluate only the first N images (sorted by image id); None = all.
+        progress: print one line per image to stderr.
+        mask_threshold: a predicted mask probability >= this is foreground (mIoU and AP).
+
+    Returns:
+        dict with the figures described in the module docstring (``mIoU``, ``mIoU_small``,
+        ``mIoU_medium``, ``mIoU_large``, ``AP``, ``AP50``, ``AP75``, ``AP_small``, ``AP_medium``,
+        ``AP_large``, ``ms_per_box``, ``ms_per_image``), plus ``n_images``, ``n_boxes``,
+        ``n_small`` / ``n_medium`` / ``n_large``, ``model_version``, ``skipped`` (list of
+        {ann_id, reason}) and ``per_box`` (list of {ann_id, image_id, category, size, iou, score}).
+
+    Raises:
+        FileNotFoundError: the JSON or an image is missing.
+        BoxToMaskError: the engine returned masks or scores of the wrong shape.
+    """
+    import cv2  # local: keeps this module importable for json/figure helpers without OpenCV
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(coco_json))
+    cat_names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
+    image_ids = sorted(coco.getImgIds())
+    if max_images is not None:
+        image_ids = image_ids[:max_images]
+
+    per_box, detections, skipped = [], [], []
+    image_ms, box_ms = [], []
+    for n, img_id in enumerate(image_ids):
+        info = coco.loadImgs(img_id)[0]
+        path = os.path.join(str(image_dir), info["file_name"])
+        bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise FileNotFoundError(f"cannot read image {path}")
+        image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        hw = image.shape[:2]
+        anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=img_id)) if not a.get("iscrowd", 0)]
+        if not anns:
+            continue
+        boxes = np.stack([xywh_to_xyxy(a["bbox"]) for a in anns])
+        checks = check_boxes(boxes, hw)
+        ok = [i for i, c in enumerate(checks) if c.ok]
+        for i, c in enumerate(checks):
+            if not c.ok:
+                skipped.append({"ann_id": anns[i]["id"], "reason": c.reason})
+                per_box.append({"ann_id": anns[i]["id"], "image_id": img_id,
+                                "category": cat_names[anns[i]["category_id"]],
+                                "size": coco_size(anns[i]["area"]), "iou": 0.0, "score": 0.0})
+        if not ok:
+            continue
+        labels = [cat_names[anns[i]["category_id"]] for i in ok]
+        t0 = time.perf_counter()
+        masks, scores = engine.predict(image, boxes[ok], labels)
+        dt = (time.perf_counter() - t0) * 1000.0
+        masks, scores = np.asarray(masks), np.asarray(scores)
+        if masks.shape != (len(ok),) + hw or scores.shape != (len(ok),):
+            raise BoxToMaskError(f"engine returned masks {masks.shape} and scores {scores.shape} "
+                                 f"for {len(ok)} boxes on a {hw} image")
+        image_ms.append(dt)
+        box_ms.extend([dt / len(ok)] * len(ok))
+        for k, i in enumerate(ok):
+            a = anns[i]
+            pred = masks[k] >= mask_threshold
+            gt = coco.annToMask(a).astype(bool)
+            iou = mask_iou(pred, gt)
+            per_box.append({"ann_id": a["id"], "image_id": img_id, "category": labels[k],
+                            "size": coco_size(a["area"]), "iou": iou, "score": float(scores[k])})
+            detections.append({"image_id": img_id, "category_id": a["category_id"],
+                               "segmentation": encode_mask(pred), "score": float(scores[k])})
+        if progress:
+            print(f"[{n + 1}/{len(image_ids)}] image {img_id}: {len(ok)} boxes, {dt:.0f} ms, "
+                  f"mean IoU {np.mean([p['iou'] for p in per_box[-len(ok):]]):.3f}", file=sys.stderr)
+
+    out: dict[str, Any] = {"model_version": getattr(engine, "model_version", "unknown")}
+    ious = np.array([p["iou"] for p in per_box])
+    out["mIoU"] = float(ious.mean()) if len(ious) else 0.0
+    for size in ("small", "medium", "large"):
+        sel = np.array([p["iou"] for p in per_box if p["size"] == size])
+        out[f"mIoU_{size}"] = float(sel.mean()) if len(sel) else float("nan")
+        out[f"n_{size}"] = int(len(sel))
+    out.update(coco_segm_ap(coco, detections, image_ids))
+    out["ms_per_box"] = float(np.median(box_ms)) if box_ms else float("nan")
+    out["ms_per_image"] = float(np.median(image_ms)) if image_ms else float("nan")
+    out["n_images"] = len(image_ms)
+    out["n_boxes"] = len(per_box)
+    out["skipped"] = skipped
+    out["per_box"] = per_box
+    return out
+
+
+__all__ = ["evaluate_box_to_mask", "coco_segm_ap", "mask_iou", "encode_mask", "xywh_to_xyxy", "coco_size",
+           "SMALL_AREA", "MEDIUM_AREA"]
