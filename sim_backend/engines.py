@@ -1,0 +1,153 @@
+"""Which box→mask engine serves a project: the current SIM model version, else GrabCut.
+
+:class:`EngineProvider` looks at the model registry's ``CURRENT`` pointer on every call (one small
+file read) and switches engines when it changes (hot reload). The registry only ever points
+``CURRENT`` at a complete version directory, so a half-written version is never loaded. If the SIM
+engine is missing or fails to load, the error is logged and GrabCut serves until a new version is
+published.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from sim_model.box_to_mask import BoxToMask
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Seconds before a version that failed to load is tried again.
+RETRY_FAILED_LOAD_S = 60.0
+
+
+def sim_model_version(version: str) -> str:
+    """The ``model_version`` reported for a registry version, e.g. ``"v0003"`` → ``"sim-v0003"``."""
+    return f"sim-{version}"
+
+
+def _default_fallback() -> BoxToMask:
+    from sim_model.engines.grabcut import GrabCutBoxToMask
+
+    return GrabCutBoxToMask()
+
+
+def _default_sim_loader(version_dir) -> BoxToMask:
+    from sim_model.engines.sim import SIMBoxToMask
+
+    return SIMBoxToMask.from_version_dir(version_dir)
+
+
+class EngineProvider:
+    """Serve one :class:`BoxToMask` per Label Studio project.
+
+    Args:
+        settings: ``model_dir`` is the registry root.
+        fallback_factory: builds the engine served without a (loadable) model version; default
+            ``sim_model.engines.grabcut.GrabCutBoxToMask()``. Built once, lazily.
+        sim_loader: builds an engine from a version directory; default
+            ``sim_model.engines.sim.SIMBoxToMask.from_version_dir``.
+
+    Thread-safe. ``project`` arguments may be None (no project known: the fallback serves).
+    """
+
+    def __init__(self, settings: Settings, fallback_factory: Callable[[], BoxToMask] | None = None,
+                 sim_loader: Callable[..., BoxToMask] | None = None):
+        from training.registry import ModelRegistry
+
+        self.settings = settings
+        self.registry = ModelRegistry(settings.model_dir)
+        self._fallback_factory = fallback_factory or _default_fallback
+        self._sim_loader = sim_loader or _default_sim_loader
+        self._fallback: BoxToMask | None = None
+        self._engines: dict[str, tuple[str, BoxToMask]] = {}   # project -> (version, engine)
+        self._failed: dict[tuple[str, str], float] = {}         # (project, version) -> time of failure
+        self._lock = threading.RLock()
+
+    def fallback(self) -> BoxToMask:
+        """The cold-start engine (GrabCut), built on first use."""
+        with self._lock:
+            if self._fallback is None:
+                self._fallback = self._fallback_factory()
+                log.info("cold-start engine ready: %s", self._fallback.model_version)
+            return self._fallback
+
+    def current_version(self, project) -> str | None:
+        """The registry's current version of ``project`` (None without project or version)."""
+        if project is None:
+            return None
+        return self.registry.current_version(project)
+
+    def get(self, project) -> BoxToMask:
+        """The engine to use now for ``project``; loads a newly published SIM version on first use.
+
+        Never raises for a missing or broken model: it logs and returns the fallback engine.
+        """
+        version = self.current_version(project)
+        if version is None:
+            return self.fallback()
+        key = str(project)
+        with self._lock:
+            cached = self._engines.get(key)
+            if cached is not None and cached[0] == version:
+                return cached[1]
+            failed_at = self._failed.get((key, version))
+            if failed_at is not None and time.monotonic() - failed_at < RETRY_FAILED_LOAD_S:
+                return self.fallback()
+            vdir = self.registry.version_dir(project, version)
+            t0 = time.monotonic()
+            try:
+                engine = self._sim_loader(vdir)
+            except Exception:  # ImportError (module not there yet), a bad checkpoint, …
+                log.exception("project %s: cannot load model version %s from %s; serving %s",
+                              key, version, vdir, self.fallback().model_version)
+                self._failed[(key, version)] = time.monotonic()
+                return self.fallback()
+            expected = sim_model_version(version)
+            if getattr(engine, "model_version", None) != expected:
+                # /setup answered `expected` before the load; Label Studio needs one stable string
+                log.warning("project %s: engine reports model_version %r, serving it as %r",
+                            key, getattr(engine, "model_version", None), expected)
+                engine.model_version = expected
+            log.info("project %s: serving %s (loaded in %.1f s)", key, engine.model_version, time.monotonic() - t0)
+            self._engines[key] = (version, engine)
+            self._failed.pop((key, version), None)
+            return engine
+
+    def model_version(self, project) -> str:
+        """The ``model_version`` that predictions for ``project`` carry now, without loading a model.
+
+        A published version that has not been loaded yet is reported as :func:`sim_model_version`;
+        a version that failed to load reports the fallback's version.
+        """
+        version = self.current_version(project)
+        if version is None:
+            return self.fallback().model_version
+        key = str(project)
+        with self._lock:
+            cached = self._engines.get(key)
+            if cached is not None and cached[0] == version:
+                return cached[1].model_version
+            if (key, version) in self._failed:
+                return self.fallback().model_version
+        return sim_model_version(version)
+
+    def preload(self, project) -> None:
+        """Load the current engine of ``project`` in a background thread (used by /setup)."""
+        threading.Thread(target=self.get, args=(project,), daemon=True, name=f"preload-{project}").start()
+
+    def list_versions(self, project) -> list[str]:
+        """Complete registry versions of ``project`` (sorted), as model_version strings, after the fallback's."""
+        from training.registry import REQUIRED_FILES
+
+        out = [self.fallback().model_version]
+        if project is None:
+            return out
+        pdir = self.registry.project_dir(project)
+        if pdir.is_dir():
+            for d in sorted(p for p in pdir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                if all((d / f).is_file() for f in REQUIRED_FILES):
+                    out.append(sim_model_version(d.name))
+        return out
