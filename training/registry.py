@@ -255,9 +255,9 @@ class ModelRegistry:
 
         Falls back to the current version's ``classes.json`` when the project file is missing.
         """
-        for p in (self.class_map_path(project),):
-            if p.is_file():
-                return list(json.loads(p.read_text())["labels"])
+        p = self.class_map_path(project)
+        if p.is_file():
+            return list(json.loads(p.read_text())["labels"])
         cur = self.current_version(project)
         if cur:
             return list(json.loads((self.version_dir(project, cur) / CLASS_MAP_FILE).read_text())["labels"])

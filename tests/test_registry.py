@@ -1,0 +1,163 @@
+"""Model registry: versions written under a temporary name, atomic CURRENT switch, quality gate, class map."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pytest
+
+from training.registry import ModelRegistry
+
+
+def _write_version(reg: ModelRegistry, project, metrics: dict | None = None) -> str:
+    with reg.create_version(project) as (version, vdir):
+        (vdir / "model.pth").write_bytes(b"weights of " + version.encode())
+        (vdir / "config.yaml").write_text("MODEL:\n  META_ARCHITECTURE: CondInst\n")
+        (vdir / "classes.json").write_text(json.dumps({"labels": ["cat", "dog"]}))
+        (vdir / "metrics.json").write_text(json.dumps(metrics or {}))
+    return version
+
+
+def test_versions_are_numbered_and_listed_with_metrics(tmp_path):
+    reg = ModelRegistry(tmp_path)
+    assert reg.current_version(3) is None and reg.list_versions(3) == []
+    v1 = _write_version(reg, 3, {"val": {"mIoU": 0.5, "n_masks": 4}})
+    v2 = _write_version(reg, 3, {"val": {"mIoU": 0.6, "n_masks": 4}})
+    assert (v1, v2) == ("v0001", "v0002")
+    infos = reg.list_versions(3)
+    assert [i.name for i in infos] == ["v0001", "v0002"]
+    assert [i.metrics["val"]["mIoU"] for i in infos] == [0.5, 0.6]
+    assert not any(i.current for i in infos)  # writing a version does not serve it
+    reg.set_current(3, v2)
+    assert [i.current for i in reg.list_versions(3)] == [False, True]
+
+
+def test_half_written_version_is_never_visible_nor_current(tmp_path):
+    reg = ModelRegistry(tmp_path)
+    v1 = _write_version(reg, 1, {})
+    reg.set_current(1, v1)
+    with pytest.raises(RuntimeError, match="crash"):
+        with reg.create_version(1) as (version, vdir):
+            (vdir / "model.pth").write_bytes(b"partial")
+            assert reg.version_names(1) == ["v0001"]  # the temporary dir is not a version
+            raise RuntimeError("crash while writing")
+    assert reg.version_names(1) == ["v0001"]
+    assert not any(p.name.startswith(".v0002") for p in reg.project_dir(1).iterdir())  # cleaned up
+    # incomplete: a block that forgets a required file does not create the version either
+    with pytest.raises(FileNotFoundError, match="classes.json"):
+        with reg.create_version(1) as (version, vdir):
+            (vdir / "model.pth").write_bytes(b"w")
+            (vdir / "config.yaml").write_text("x")
+    assert reg.version_names(1) == ["v0001"]
+    # a CURRENT pointing at an incomplete directory is not served; set_current refuses it
+    (reg.project_dir(1) / "v0009").mkdir()
+    (reg.project_dir(1) / "v0009" / "model.pth").write_bytes(b"w")
+    with pytest.raises(FileNotFoundError):
+        reg.set_current(1, "v0009")
+    (reg.project_dir(1) / "CURRENT").write_text("v0009\n")
+    assert reg.current_version(1) is None
+
+
+def _crashing_writer(root: str, ready):
+    reg = ModelRegistry(root)
+    with reg.create_version(5) as (version, vdir):
+        (vdir / "model.pth").write_bytes(b"w" * 1000)
+        ready.set()
+        time.sleep(60)
+
+
+def test_killed_writer_leaves_no_version_and_a_later_run_cleans_up(tmp_path):
+    reg = ModelRegistry(tmp_path)
+    ready = mp.Event()
+    p = mp.get_context("fork").Process(target=_crashing_writer, args=(str(tmp_path), ready))
+    p.start()
+    assert ready.wait(30)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join()
+    leftovers = [d.name for d in reg.project_dir(5).iterdir()]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".v0001.tmp-")
+    assert reg.version_names(5) == [] and reg.current_version(5) is None
+    assert reg.next_version_name(5) == "v0002"  # a leftover's number is never reused
+    old = time.time() - 7200
+    os.utime(reg.project_dir(5) / leftovers[0], (old, old))
+    assert reg.remove_stale_temporaries(5) == leftovers
+
+
+def test_current_switch_is_atomic_for_concurrent_readers(tmp_path):
+    reg = ModelRegistry(tmp_path)
+    versions = [_write_version(reg, 2, {}) for _ in range(2)]
+    reg.set_current(2, versions[0])
+    seen = set()
+
+    def flip():
+        for i in range(300):
+            reg.set_current(2, versions[i % 2])
+
+    import threading
+
+    t = threading.Thread(target=flip)
+    t.start()
+    while t.is_alive():
+        seen.add(reg.current_version(2))
+    t.join()
+    assert seen <= set(versions)  # never None, never a torn name
+    assert not [p for p in reg.project_dir(2).iterdir() if p.name.endswith(".tmp")]
+
+
+def test_publish_gate_with_tolerance(tmp_path):
+    reg = ModelRegistry(tmp_path)
+    v1 = _write_version(reg, 7, {"val": {"mIoU": 0.70, "n_masks": 10}})
+    d = reg.publish(7, v1, reg.read_metrics(7, v1), tolerance=0.02)
+    assert d.published and reg.current_version(7) == v1 and d.previous is None
+
+    # slightly worse, within tolerance: published
+    v2 = _write_version(reg, 7, {"val": {"mIoU": 0.69, "n_masks": 10}})
+    d = reg.publish(7, v2, reg.read_metrics(7, v2), tolerance=0.02)
+    assert d.published and reg.current_version(7) == v2
+    assert d.baseline_value == pytest.approx(0.70) and d.new_value == pytest.approx(0.69)
+
+    # worse by more than the tolerance against the baseline measured in the same run: kept, not served
+    m3 = {"val": {"mIoU": 0.60, "n_masks": 10}, "baseline": {"version": v2, "mIoU": 0.66, "n_masks": 10}}
+    v3 = _write_version(reg, 7, m3)
+    d = reg.publish(7, v3, m3, tolerance=0.02)
+    assert not d.published and reg.current_version(7) == v2
+    assert "worse" in d.reason and "0.0600" in d.reason
+    assert v3 in reg.version_names(7)  # kept on disk
+    assert reg.read_metrics(7, v3)["publish"]["published"] is False  # the reason is stored with it
+    # the same drop passes with a larger tolerance
+    d = reg.publish(7, v3, m3, tolerance=0.1)
+    assert d.published and reg.current_version(7) == v3
+
+    with pytest.raises(ValueError):
+        reg.publish(7, v3, m3, tolerance=-1)
+
+
+def test_publish_without_validation_polygons(tmp_path):
+    reg = ModelRegistry(tmp_path)
+    v1 = _write_version(reg, 8, {})
+    d = reg.publish(8, v1, {}, 0.02)
+    assert d.published and "first version" in d.reason
+    v2 = _write_version(reg, 8, {})
+    d = reg.publish(8, v2, {"val": {"n_masks": 0}}, 0.02)
+    assert d.published and reg.current_version(8) == v2  # neither checked: the newer one serves
+    v3 = _write_version(reg, 8, {"val": {"mIoU": 0.7, "n_masks": 3}})
+    assert reg.publish(8, v3, reg.read_metrics(8, v3), 0.02).published
+    v4 = _write_version(reg, 8, {})
+    d = reg.publish(8, v4, {}, 0.02)
+    assert not d.published and reg.current_version(8) == v3  # an unchecked model never replaces a checked one
+    assert "no validation polygons" in d.reason
+
+
+def test_class_map_is_stable_and_grows(tmp_path):
+    reg = ModelRegistry(tmp_path)
+    assert reg.load_class_map(4) == []
+    assert reg.update_class_map(4, ["dog", "cat", "dog"]) == ["cat", "dog"]
+    # new labels get new ids after the old ones, in sorted order; old ids never move
+    assert reg.update_class_map(4, ["zebra", "cat", "ant"]) == ["cat", "dog", "ant", "zebra"]
+    # a label that disappeared keeps its id
+    assert reg.update_class_map(4, ["ant"]) == ["cat", "dog", "ant", "zebra"]
+    assert ModelRegistry(tmp_path).load_class_map(4) == ["cat", "dog", "ant", "zebra"]  # persisted
+    assert json.loads(reg.class_map_path(4).read_text())["labels"][3] == "zebra"
