@@ -1,0 +1,214 @@
+"""Label Studio export on real coco-mini train2017 images and annotations, shaped as Label Studio tasks.
+
+The tasks are what Label Studio returns from ``GET /api/tasks?fields=all`` (rectangles and polygons in
+percent of the image); the images are read through the backend's ImageLoader from local paths. The same
+export against a running Label Studio is covered by tests/e2e/test_retrain_e2e.py.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sim_backend.images import ImageLoader
+from sim_backend.settings import Settings
+from tests.backend_fixtures import coco_config, rect_item
+from training import ls_export
+from training.registry import ModelRegistry
+
+COCO_TRAIN = Path("/work/shared/data/coco-mini/train2017")
+TRAIN_JSON = COCO_TRAIN / "annotations" / "instances_train2017.json"
+
+
+@functools.lru_cache(maxsize=1)
+def coco_train():
+    from pycocotools.coco import COCO
+
+    return COCO(str(TRAIN_JSON))
+
+
+def _labels():
+    c = coco_train()
+    return [c.loadCats(i)[0]["name"] for i in sorted(c.getCatIds())]
+
+
+def poly_item(label: str, seg: list[float], width: int, height: int, rid: str) -> dict:
+    """A polygonlabels result item (percent) from a COCO polygon in pixels."""
+    pts = np.asarray(seg, dtype=np.float64).reshape(-1, 2)
+    return {"id": rid, "type": "polygonlabels", "from_name": "poly", "to_name": "image",
+            "original_width": width, "original_height": height, "image_rotation": 0,
+            "value": {"points": [[100 * x / width, 100 * y / height] for x, y in pts], "closed": True,
+                      "polygonlabels": [label]}}
+
+
+def make_tasks(n_images: int = 6, polygons_on: int = 2, image_dir: Path = COCO_TRAIN / "images"):
+    """Label Studio task dicts for the first ``n_images`` coco-mini train2017 images (non-crowd objects).
+
+    Every object gets a rectangle; the objects of the first ``polygons_on`` images with a single-polygon
+    segmentation also get the annotator's polygon (a "corrected" mask), with its own region id.
+    """
+    c = coco_train()
+    tasks, truth = [], {}
+    for k, img_id in enumerate(sorted(c.getImgIds())[:n_images]):
+        info = c.loadImgs(img_id)[0]
+        w, h = info["width"], info["height"]
+        result = []
+        for a in c.loadAnns(c.getAnnIds(imgIds=img_id, iscrowd=False)):
+            label = c.loadCats(a["category_id"])[0]["name"]
+            result.append(rect_item(label, a["bbox"], w, h, rid=f"b{a['id']}"))
+            truth[f"b{a['id']}"] = a
+            if k < polygons_on and isinstance(a["segmentation"], list) and len(a["segmentation"]) == 1 \
+                    and a["area"] > 500:
+                result.append(poly_item(label, a["segmentation"][0], w, h, rid=f"p{a['id']}"))
+                truth[f"p{a['id']}"] = a
+        tasks.append({"id": 1000 + k, "data": {"image": str(image_dir / info["file_name"])},
+                      "updated_at": "2026-11-21T10:00:00Z",
+                      "annotations": [{"id": 50 + k, "was_cancelled": False, "result": result,
+                                       "updated_at": "2026-11-21T10:00:00Z"}]})
+    return tasks, truth
+
+
+@pytest.fixture()
+def loader():
+    return ImageLoader(Settings(image_cache_size=0))
+
+
+def _export(tasks, tmp_path, loader, labels=None):
+    reg = ModelRegistry(tmp_path / "models")
+    return ls_export.export_tasks(tasks, coco_config(labels=labels or _labels()), 9, tmp_path / "cache", reg, loader,
+                                  progress=lambda m: None), reg
+
+
+def test_export_builds_coco_train_boxes_and_val_masks(tmp_path, loader):
+    from pycocotools.coco import COCO
+
+    tasks, truth = make_tasks()
+    export, reg = _export(tasks, tmp_path, loader)
+    train_json, val_json = export.write_coco(tmp_path / "ds")
+    train = json.loads(train_json.read_text())
+    n_rect = sum(1 for t in tasks for r in t["annotations"][0]["result"] if r["type"] == "rectanglelabels")
+    n_poly = sum(1 for t in tasks for r in t["annotations"][0]["result"] if r["type"] == "polygonlabels")
+    assert n_poly >= 3
+    # every rectangle is a training box; polygons drawn over a rectangle add none
+    assert len(train["annotations"]) == n_rect == export.n_boxes
+    assert all("segmentation" not in a for a in train["annotations"])
+    labels = export.labels
+    for a in train["annotations"]:
+        gt = truth[a["ls_region_id"]]
+        assert np.allclose(a["bbox"], gt["bbox"], atol=1e-6)
+        assert labels[a["category_id"] - 1] == coco_train().loadCats(gt["category_id"])[0]["name"]
+    # the categories list the whole class map, ids = class id + 1 (detectron2 contiguous ids = class ids)
+    assert [c["id"] for c in train["categories"]] == list(range(1, len(labels) + 1))
+    assert labels == reg.load_class_map(9)
+
+    # validation: the annotators' polygons as masks, close to coco's own rasterisation
+    val = COCO(str(val_json))
+    assert len(val.getAnnIds()) == n_poly == export.n_masks
+    ious = []
+    for a in val.loadAnns(val.getAnnIds()):
+        gt = coco_train().annToMask(truth[a["ls_region_id"]]).astype(bool)
+        m = val.annToMask(a).astype(bool)
+        ious.append(np.logical_and(m, gt).sum() / np.logical_or(m, gt).sum())
+        x, y, w, h = a["bbox"]  # tight box of the mask
+        ys, xs = np.nonzero(m)
+        assert (x, y, x + w, y + h) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    assert np.mean(ious) > 0.9 and min(ious) > 0.75
+
+    # the dataset loads in detectron2 as is
+    from detectron2.data.datasets import load_coco_json
+
+    dicts = load_coco_json(str(train_json), str(export.image_dir), dataset_name=None)
+    assert sum(len(d["annotations"]) for d in dicts) == n_rect
+    assert all(Path(d["file_name"]).is_file() for d in dicts)
+
+
+def test_image_cache_is_incremental(tmp_path, loader):
+    tasks, _ = make_tasks(n_images=4, polygons_on=0)
+    export, _ = _export(tasks, tmp_path, loader)
+    assert (export.downloaded, export.reused) == (4, 0)
+    files = sorted(p.name for p in export.image_dir.iterdir())
+    mtimes = {p.name: p.stat().st_mtime_ns for p in export.image_dir.iterdir()}
+    export2, _ = _export(tasks, tmp_path, loader)
+    assert (export2.downloaded, export2.reused) == (0, 4)
+    assert {p.name: p.stat().st_mtime_ns for p in export2.image_dir.iterdir()} == mtimes
+    # one task now points at another image: only that one is fetched, its old file goes
+    other = sorted(coco_train().getImgIds())[10]
+    tasks[1]["data"]["image"] = str(COCO_TRAIN / "images" / coco_train().loadImgs(other)[0]["file_name"])
+    tasks[1]["updated_at"] = "2026-11-21T11:00:00Z"
+    export3, _ = _export(tasks, tmp_path, loader)
+    assert (export3.downloaded, export3.reused) == (1, 3)
+    files3 = sorted(p.name for p in export3.image_dir.iterdir())
+    assert len(files3) == 4 and files3 != files
+    t1 = next(t for t in export3.tasks if t.task_id == tasks[1]["id"])
+    info = coco_train().loadImgs(other)[0]
+    assert (t1.width, t1.height) == (info["width"], info["height"])
+
+
+def test_broken_tasks_are_skipped_with_a_message(tmp_path, loader):
+    tasks, _ = make_tasks(n_images=5, polygons_on=1)
+    tasks[0]["data"]["image"] = str(tmp_path / "missing.jpg")                        # unreadable image
+    not_image = tmp_path / "not-an-image.jpg"
+    not_image.write_text("hello")
+    tasks[1]["data"]["image"] = str(not_image)                                        # not an image
+    tasks[2]["data"] = {"img": "elsewhere"}                                           # wrong data key
+    bad_region = {"id": "bad", "type": "polygonlabels", "to_name": "image",
+                  "value": {"points": [[1, 1], [2, 2]], "polygonlabels": ["person"]}}
+    tasks[3]["annotations"][0]["result"].append(bad_region)                           # malformed region
+    # an older cancelled and a newer real annotation: the newest usable one is taken
+    tasks[4]["annotations"].append({"id": 99, "was_cancelled": True, "updated_at": "2026-11-22T00:00:00Z",
+                                    "result": [rect_item("dog", [0, 0, 10, 10], 100, 100, "x")]})
+    tasks.append({"id": 7777, "data": {"image": "whatever"}, "annotations": []})      # unlabeled
+    export, _ = _export(tasks, tmp_path, loader)
+    by_id = {t.task_id: t for t in export.tasks}
+    assert set(by_id) == {tasks[3]["id"], tasks[4]["id"]}
+    msgs = " | ".join(m for _, m in export.skipped)
+    assert "missing.jpg" in msgs and "not a readable image" in msgs and "no image in data['image']" in msgs
+    assert "region bad" in msgs
+    assert export.n_unlabeled == 1
+    assert all(r.region_id != "x" for r in by_id[tasks[4]["id"]].regions)  # cancelled annotation ignored
+    assert len(by_id[tasks[3]["id"]].boxes) == sum(
+        1 for r in tasks[3]["annotations"][0]["result"] if r["type"] == "rectanglelabels")
+
+
+def test_polygon_without_a_box_trains_and_class_map_grows_stably(tmp_path, loader):
+    tasks, truth = make_tasks(n_images=3, polygons_on=1)
+    export1, reg = _export(tasks, tmp_path, loader, labels=_labels())
+    labels1 = list(export1.labels)
+    # the annotator draws a polygon of a new class, with no rectangle around it
+    t = tasks[2]
+    w, h = export1.tasks[2].width, export1.tasks[2].height
+    t["annotations"].append({"id": 77, "result": t["annotations"][0]["result"] + [
+        poly_item("zz-new-class", [10, 10, 60, 12, 55, 70, 12, 60], w, h, "pnew")],
+        "updated_at": "2026-11-21T12:00:00Z"})
+    export2, _ = ls_export.export_tasks(tasks, coco_config(labels=_labels() + ["zz-new-class"]), 9,
+                                        tmp_path / "cache", reg, loader, progress=lambda m: None), None
+    assert export2.labels[: len(labels1)] == labels1 and export2.labels[len(labels1):] == ["zz-new-class"]
+    task2 = next(x for x in export2.tasks if x.task_id == t["id"])
+    new = next(r for r in task2.regions if r.region_id == "pnew")
+    assert new.train and new.mask is not None and np.allclose(new.box, [10, 10, 60, 70], atol=1.5)
+    train = export2.coco_train()
+    cat = {c["name"]: c["id"] for c in train["categories"]}
+    assert cat["zz-new-class"] == len(labels1) + 1
+    assert any(a["ls_region_id"] == "pnew" and a["category_id"] == cat["zz-new-class"] for a in train["annotations"])
+
+
+def test_label_studio_down_aborts_the_export(tmp_path):
+    """A Label Studio URL on a port where nothing listens: the export stops with LabelStudioUnavailable."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    url = f"http://127.0.0.1:{port}"
+    loader = ImageLoader(Settings(label_studio_url=url, label_studio_api_key="k", image_cache_size=0,
+                                  image_fetch_timeout_s=2))
+    tasks, _ = make_tasks(n_images=2, polygons_on=0)
+    tasks[1]["data"]["image"] = "/data/upload/9/x.jpg"
+    with pytest.raises(ls_export.LabelStudioUnavailable, match="stopped answering.*task 1001"):
+        _export(tasks, tmp_path, loader)
+    with pytest.raises(ls_export.LabelStudioUnavailable, match="does not answer"):
+        ls_export.export_project(9, url, "k", tmp_path / "cache", ModelRegistry(tmp_path / "m"), timeout=2)
