@@ -64,7 +64,8 @@ class EngineProvider:
         self._fallback: BoxToMask | None = None
         self._engines: dict[str, tuple[str, BoxToMask]] = {}   # project -> (version, engine)
         self._failed: dict[tuple[str, str], float] = {}         # (project, version) -> time of failure
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()                          # guards the dicts and the fallback
+        self._project_locks: dict[str, threading.Lock] = {}     # one load at a time per project
 
     def fallback(self) -> BoxToMask:
         """The cold-start engine (GrabCut), built on first use."""
@@ -93,18 +94,25 @@ class EngineProvider:
             cached = self._engines.get(key)
             if cached is not None and cached[0] == version:
                 return cached[1]
+            project_lock = self._project_locks.setdefault(key, threading.Lock())
+        fallback = self.fallback()
+        with project_lock:  # other projects keep being served while this one loads
+            cached = self._engines.get(key)
+            if cached is not None and cached[0] == version:
+                return cached[1]
             failed_at = self._failed.get((key, version))
             if failed_at is not None and time.monotonic() - failed_at < RETRY_FAILED_LOAD_S:
-                return self.fallback()
+                return fallback
             vdir = self.registry.version_dir(project, version)
             t0 = time.monotonic()
             try:
                 engine = self._sim_loader(vdir)
             except Exception:  # ImportError (module not there yet), a bad checkpoint, …
                 log.exception("project %s: cannot load model version %s from %s; serving %s",
-                              key, version, vdir, self.fallback().model_version)
-                self._failed[(key, version)] = time.monotonic()
-                return self.fallback()
+                              key, version, vdir, fallback.model_version)
+                with self._lock:
+                    self._failed[(key, version)] = time.monotonic()
+                return fallback
             expected = sim_model_version(version)
             if getattr(engine, "model_version", None) != expected:
                 # /setup answered `expected` before the load; Label Studio needs one stable string
@@ -112,8 +120,9 @@ class EngineProvider:
                             key, getattr(engine, "model_version", None), expected)
                 engine.model_version = expected
             log.info("project %s: serving %s (loaded in %.1f s)", key, engine.model_version, time.monotonic() - t0)
-            self._engines[key] = (version, engine)
-            self._failed.pop((key, version), None)
+            with self._lock:
+                self._engines[key] = (version, engine)
+                self._failed.pop((key, version), None)
             return engine
 
     def model_version(self, project) -> str:
