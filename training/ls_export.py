@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 MATCH_IOU = 0.5
 #: Default image cache root, relative to the model directory: ``<model dir>/.cache/<project>/images``.
 DEFAULT_CACHE_SUBDIR = ".cache"
+#: Task data key of Label Studio imports made with blob URLs (``settings.DATA_UNDEFINED_NAME``).
+UNDEFINED_DATA_KEY = "$undefined$"
 BOX_TYPES = ("rectanglelabels",)
 POLYGON_TYPES = ("polygonlabels",)
 BRUSH_TYPES = ("brushlabels",)
@@ -440,7 +442,9 @@ def export_tasks(tasks: Iterable[dict], label_config: str, project: int | str, c
             if ann is None:
                 n_unlabeled += 1
                 continue
-            url = (task.get("data") or {}).get(binding.value_key)
+            data = task.get("data") or {}
+            # a Local Files / cloud import with blob URLs stores the URL under "$undefined$"
+            url = data.get(binding.value_key) or data.get(UNDEFINED_DATA_KEY)
             if not isinstance(url, str) or not url:
                 skipped.append((tid, f"task {tid}: no image in data[{binding.value_key!r}]"))
                 say(skipped[-1][1] + " (skipped)")
