@@ -148,15 +148,20 @@ class EngineProvider:
         threading.Thread(target=self.get, args=(project,), daemon=True, name=f"preload-{project}").start()
 
     def list_versions(self, project) -> list[str]:
-        """Complete registry versions of ``project`` (sorted), as model_version strings, after the fallback's."""
+        """Complete registry versions of ``project`` (of all projects when None), as sorted model_version
+        strings, after the fallback's."""
         from training.registry import REQUIRED_FILES
 
         out = [self.fallback().model_version]
-        if project is None:
-            return out
-        pdir = self.registry.project_dir(project)
-        if pdir.is_dir():
-            for d in sorted(p for p in pdir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                if all((d / f).is_file() for f in REQUIRED_FILES):
-                    out.append(sim_model_version(d.name))
-        return out
+        root = self.registry.root
+        if project is not None:
+            pdirs = [self.registry.project_dir(project)]
+        else:  # Label Studio 1.23 sends GET /versions without a body: every project's versions
+            pdirs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        names = set()
+        for pdir in pdirs:
+            if pdir.is_dir():
+                for d in pdir.iterdir():
+                    if d.is_dir() and not d.name.startswith(".") and all((d / f).is_file() for f in REQUIRED_FILES):
+                        names.add(d.name)
+        return out + [sim_model_version(n) for n in sorted(names)]

@@ -11,8 +11,9 @@ Two modes (DESIGN.md §4):
   passed over).
 
 The answer always has exactly one entry per task, in order: ``{"result", "score", "model_version"}``.
-A task that fails (no image field, an unreachable or broken image, …) gets an empty result and its
-error is logged; a box that cannot be segmented (zero area, outside the image, unknown label, …) is
+A task that fails (no image field, an unreachable or broken image, …) gets an empty result with an
+extra ``"error"`` key (Label Studio 1.23 copies only result/score/model_version from each entry, see
+``ml/models.py::_get_predictions_from_ml_backend``) and its error is logged; a box that cannot be segmented (zero area, outside the image, unknown label, …) is
 skipped with a logged reason. Both are also listed in the response's top-level ``"errors"`` and
 ``"skipped"`` keys, which Label Studio ignores (it reads ``"results"`` only). All boxes of one image go
 to the engine in one ``BoxToMask.predict`` call. Nothing here writes to Label Studio.
@@ -145,7 +146,7 @@ class Predictor:
                 polygon_tolerance_px}}``.
 
         Returns:
-            ``{"results": [{"result", "score", "model_version"}, … one per task], "model_version",
+            ``{"results": [{"result", "score", "model_version"[, "error"]}, … one per task], "model_version",
             "errors": [{"task", "error"}], "skipped": [{"task", "region", "reason"}]}``.
 
         Raises:
@@ -190,11 +191,12 @@ class Predictor:
             except (TaskError, ImageLoadError) as e:
                 log.error("task %s: no prediction: %s", tid, e)
                 errors.append({"task": tid, "error": str(e)})
-                results.append({"result": [], "score": 0.0, "model_version": engine.model_version})
+                results.append({"result": [], "score": 0.0, "model_version": engine.model_version, "error": str(e)})
             except Exception as e:  # an engine bug must not sink the other tasks
                 log.exception("task %s: internal error", tid)
-                errors.append({"task": tid, "error": f"internal error: {e.__class__.__name__}: {e}"})
-                results.append({"result": [], "score": 0.0, "model_version": engine.model_version})
+                msg = f"internal error: {e.__class__.__name__}: {e}"
+                errors.append({"task": tid, "error": msg})
+                results.append({"result": [], "score": 0.0, "model_version": engine.model_version, "error": msg})
         return {"results": results, "model_version": engine.model_version, "errors": errors, "skipped": skipped}
 
     # -- one task ----------------------------------------------------------------------------------
@@ -253,6 +255,12 @@ class Predictor:
             h, w = image.shape[:2]
             xyxy = []
             for b in boxes:
+                src = rects[b.index]
+                ow, oh = src.get("original_width"), src.get("original_height")
+                if ow and oh and (int(ow), int(oh)) != (w, h):
+                    log.warning("task %s, region %s: Label Studio saw a %sx%s image, the backend loaded %dx%d "
+                                "(EXIF orientation or a resized copy?); percent coordinates are used as they are",
+                                tid, b.region_id, ow, oh, w, h)
                 try:
                     xyxy.append(rectangle_to_xyxy(b.value, w, h))
                 except ValueError as e:

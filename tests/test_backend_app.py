@@ -62,7 +62,8 @@ def test_versions_lists_registry_versions_and_current(tmp_path):
     c = create_app(Settings(model_dir=tmp_path)).test_client()
     body = c.get("/versions?project=5").get_json()
     assert body["versions"] == ["grabcut-v1", "sim-v0001", "sim-v0002"] and body["current"] == "sim-v0002"
-    assert c.get("/versions").get_json()["versions"] == ["grabcut-v1"]
+    assert c.get("/versions?project=6").get_json()["versions"] == ["grabcut-v1"]
+    assert c.get("/versions").get_json()["versions"] == ["grabcut-v1", "sim-v0001", "sim-v0002"]
 
 
 def test_webhook_answers_at_once(client, monkeypatch):

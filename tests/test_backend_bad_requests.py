@@ -82,6 +82,7 @@ def test_task_without_image_and_unreachable_image_do_not_sink_the_batch(client, 
     assert "cannot fetch" in errors[2]
     assert "cannot read image file" in errors[4]
     assert 3 not in errors
+    assert [x.get("error") for x in body["results"]] == [errors[1], errors[2], None, errors[4]]
     logged = caplog.text
     assert "task 1: no prediction" in logged and "task 2: no prediction" in logged
 
@@ -164,3 +165,4 @@ def test_context_without_rectangles_gives_an_empty_result(client):
     kp = {"type": "keypointlabels", "from_name": "kp", "to_name": "image", "value": {"x": 1, "y": 1}}
     body = _interactive(client, [kp])
     assert body["results"] == [{"result": [], "score": 0.0, "model_version": "grabcut-v1"}]
+    assert body["errors"] == [] and body["skipped"] == []
