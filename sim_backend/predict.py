@@ -38,6 +38,10 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: Task data key of Label Studio imports made with bare blob URLs (``settings.DATA_UNDEFINED_NAME``);
+#: Label Studio usually renames it to the config's field before /predict, but not always.
+UNDEFINED_DATA_KEY = "$undefined$"
+
 
 class BadRequest(ValueError):
     """The request as a whole is malformed (answered with HTTP 400 and this message)."""
@@ -217,7 +221,7 @@ class Predictor:
         if not isinstance(data, dict):
             raise TaskError(f"task {tid} has no 'data' object")
         keys = [b.value_key for b in config.bindings]
-        if not any(k in data for k in keys):
+        if not any(k in data for k in keys) and UNDEFINED_DATA_KEY not in data:
             raise TaskError(f"task {tid} has no image field: expected data key(s) {keys}, got {sorted(data)}")
         if not rects:
             log.info("task %s: no rectangle to segment (source: %s)", tid, source)
@@ -248,7 +252,7 @@ class Predictor:
         scores: list[float] = []
         for boxes in per_image.values():
             binding = boxes[0].binding
-            url = data.get(binding.value_key)
+            url = data.get(binding.value_key, data.get(UNDEFINED_DATA_KEY))
             if url is None:
                 raise TaskError(f"task {tid} has no image field {binding.value_key!r}")
             image = self.images.load(url)

@@ -166,3 +166,8 @@ def test_context_without_rectangles_gives_an_empty_result(client):
     body = _interactive(client, [kp])
     assert body["results"] == [{"result": [], "score": 0.0, "model_version": "grabcut-v1"}]
     assert body["errors"] == [] and body["skipped"] == []
+
+
+def test_blob_import_undefined_data_key_is_read(client):
+    body = _interactive(client, [_good_rect()], data={"$undefined$": PATH})
+    assert body["results"][0]["result"] and body["errors"] == []
