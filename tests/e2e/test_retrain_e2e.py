@@ -1,0 +1,299 @@
+"""Issue 4 item 5: retrain from a real Label Studio 1.23.2 project, publish, serve, score; and a failed retrain.
+
+One flow (module fixture ``flow``):
+
+1. a project over coco-mini train2017 (``N_IMAGES`` images imported through a Local Files storage):
+   every image annotated with its ground-truth boxes, ``N_POLYGON_TASKS`` of them also with the
+   annotator's polygons (coco's masks, as an annotator would correct them);
+2. our backend under gunicorn connected as the project's ML backend (serves GrabCut: no version yet);
+3. ``python -m training.retrain`` with a tiny schedule (``--max-iter``) → ``v0001`` published;
+4. "Retrieve predictions" through Label Studio → the stored predictions carry ``sim-v0001``;
+5. the S_k table holds one row per box for v0001; ``training.scores --push`` stores the masks as
+   predictions whose task score is the task's lowest S_k;
+6. a second retrain whose Label Studio stops answering mid-way (a relay in front of the real server
+   that goes dead after a few requests) fails with exit code 4 and a message, while v0001 keeps
+   serving and no v0002 appears.
+
+The quality gate is exercised by tests/test_registry.py; here ``--tolerance 1`` lets the tiny
+schedule's model through, since a 4-iteration model is not expected to beat GrabCut.
+"""
+from __future__ import annotations
+
+import http.server
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from tests.e2e import ls_harness as H
+from training.registry import ModelRegistry
+from training.scores import ScoreDB
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+N_IMAGES = 20
+N_POLYGON_TASKS = 3
+MAX_ITER = 4
+REPO = Path(__file__).resolve().parents[2]
+
+
+def select_images(coco: dict, n: int) -> list[dict]:
+    """The ``n`` train2017 images with the fewest boxes (>= 1, no crowd region), by id."""
+    boxes = Counter(a["image_id"] for a in coco["annotations"] if not a.get("iscrowd", 0))
+    crowd = {a["image_id"] for a in coco["annotations"] if a.get("iscrowd", 0)}
+    imgs = [i for i in coco["images"] if boxes[i["id"]] > 0 and i["id"] not in crowd]
+    imgs.sort(key=lambda i: (boxes[i["id"]], i["id"]))
+    assert len(imgs) >= n, f"coco-mini train2017 has only {len(imgs)} usable images"
+    return imgs[:n]
+
+
+def polygon_results(coco: dict, image_id: int) -> list[dict]:
+    """The image's single-polygon COCO masks as ``polygonlabels`` results (percent), ids ``poly<ann id>``."""
+    img = next(i for i in coco["images"] if i["id"] == image_id)
+    w, h = img["width"], img["height"]
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    out = []
+    for a in coco["annotations"]:
+        if a["image_id"] != image_id or a.get("iscrowd", 0) or not isinstance(a["segmentation"], list):
+            continue
+        pts = np.asarray(a["segmentation"][0], dtype=np.float64).reshape(-1, 2)
+        out.append({"id": f"poly{a['id']}", "type": "polygonlabels", "from_name": "polygon", "to_name": "image",
+                    "original_width": w, "original_height": h, "image_rotation": 0,
+                    "value": {"points": [[100 * x / w, 100 * y / h] for x, y in pts], "closed": True,
+                              "polygonlabels": [names[a["category_id"]]]}})
+    return out
+
+
+def run_retrain(label_studio_url: str, api_key: str, project: int, model_dir: Path, *extra: str,
+                timeout: float = 1500) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "training.retrain", "--project", str(project), "--url", label_studio_url,
+           "--api-key", api_key, "--model-dir", str(model_dir), "--max-iter", str(MAX_ITER), "--tolerance", "1",
+           "--timeout", "20", *extra]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+class DyingRelay:
+    """An HTTP relay in front of Label Studio that forwards ``alive_for`` requests, then goes dead.
+
+    After that, every connection is dropped without an answer and the listening socket is closed: to
+    its client, the Label Studio server stopped mid-way. Nothing in the retrain knows about the relay.
+    """
+
+    def __init__(self, target: str, alive_for: int):
+        self.target, self.alive_for, self.count = target.rstrip("/"), alive_for, 0
+        self.lock = threading.Lock()
+        relay = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _relay(self):
+                with relay.lock:
+                    relay.count += 1
+                    dead = relay.count > relay.alive_for
+                if dead:
+                    self.close_connection = True
+                    threading.Thread(target=relay.server.shutdown, daemon=True).start()
+                    return
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                r = requests.request(self.command, relay.target + self.path, headers=headers, data=body,
+                                     timeout=60, allow_redirects=False)
+                self.send_response(r.status_code)
+                for k, v in r.headers.items():
+                    if k.lower() not in ("transfer-encoding", "content-encoding", "content-length", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(r.content)))
+                self.end_headers()
+                self.wfile.write(r.content)
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _relay
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", H.free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@dataclass
+class Project:
+    id: int
+    ml_id: int
+    model_dir: Path
+    backend: H.BackendServer
+    task_boxes: dict[int, int]           # task id -> number of boxes
+    polygon_tasks: list[int]
+    n_polygons: int
+    labels: set[str]
+
+
+@dataclass
+class Flow:
+    project: int
+    ml_id: int
+    model_dir: Path
+    backend: H.BackendServer
+    task_boxes: dict[int, int]
+    polygon_tasks: list[int]
+    first: subprocess.CompletedProcess
+    timings: dict = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def project(label_studio, ls_client, start_backend, coco_train, tmp_path_factory) -> Project:
+    """The annotated project with our backend connected (no model version yet)."""
+    coco = coco_train["json"]
+    images = select_images(coco, N_IMAGES)
+    folder = label_studio.document_root / "coco-train2017-retrain"
+    folder.mkdir(parents=True, exist_ok=True)
+    for im in images:
+        shutil.copyfile(coco_train["images"] / im["file_name"], folder / im["file_name"])
+    client = ls_client
+    config = H.labeling_config([c["name"] for c in coco["categories"]], brush=False)
+    pid = H.create_project(client, "coco-mini train2017 retrain e2e", config)
+    H.add_local_files_storage(client, pid, folder)
+    by_name = {i["file_name"]: i["id"] for i in images}
+    task_boxes, polygon_tasks, n_polygons, labels = {}, [], 0, set()
+    for task in sorted(H.list_tasks(client, pid), key=lambda t: t["id"]):
+        image_id = by_name[H.task_file_name(task)]
+        result = H.coco_box_results(coco, image_id)
+        if len(polygon_tasks) < N_POLYGON_TASKS and polygon_results(coco, image_id):
+            polys = polygon_results(coco, image_id)
+            result += polys
+            n_polygons += len(polys)
+            polygon_tasks.append(task["id"])
+        client.annotations.create(id=task["id"], result=result)
+        task_boxes[task["id"]] = sum(1 for r in result if r["type"] == "rectanglelabels")
+        labels |= {r["value"][r["type"]][0] for r in result}
+    model_dir = tmp_path_factory.mktemp("models")
+    backend = start_backend(model_dir)
+    ml_id = H.connect_ml_backend(client, pid, backend.url)
+    assert H.ml_backend_model_version(client, ml_id).startswith("grabcut")
+    return Project(pid, ml_id, model_dir, backend, task_boxes, polygon_tasks, n_polygons, labels)
+
+
+@pytest.fixture(scope="module")
+def flow(project, label_studio) -> Flow:
+    """The first retrain of the project (tiny schedule)."""
+    t0 = time.monotonic()
+    first = run_retrain(label_studio.url, label_studio.api_key, project.id, project.model_dir)
+    timings = {"retrain_s": time.monotonic() - t0}
+    print(first.stdout[-4000:], first.stderr[-4000:], sep="\n")
+    return Flow(project.id, project.ml_id, project.model_dir, project.backend, project.task_boxes,
+                project.polygon_tasks, first, timings)
+
+
+def test_export_from_real_label_studio(project, label_studio, tmp_path):
+    """label-studio-sdk export of the live project: boxes, polygons, class map, incremental image cache."""
+    from training import ls_export
+
+    reg = ModelRegistry(tmp_path / "models")
+    ex = ls_export.export_project(project.id, label_studio.url, label_studio.api_key, tmp_path / "cache", reg,
+                                  progress=lambda m: None)
+    assert len(ex.tasks) == N_IMAGES and not ex.skipped and ex.n_unlabeled == 0
+    assert ex.n_boxes == sum(project.task_boxes.values())
+    assert ex.n_masks == project.n_polygons and {t.task_id for t in ex.tasks if t.masks} == set(project.polygon_tasks)
+    assert set(ex.labels) == project.labels and reg.load_class_map(project.id) == ex.labels
+    assert (ex.downloaded, ex.reused) == (N_IMAGES, 0)
+    # the cached image is the served one, upright, with the size Label Studio reports
+    t = ex.tasks[0]
+    from PIL import Image
+
+    with Image.open(t.file) as im:
+        assert im.size == (t.width, t.height)
+    again = ls_export.export_project(project.id, label_studio.url, label_studio.api_key, tmp_path / "cache", reg,
+                                     progress=lambda m: None)
+    assert (again.downloaded, again.reused) == (0, N_IMAGES)
+    assert again.coco_train() == ex.coco_train()
+    # a wrong key is refused with a clear message, not a crash
+    with pytest.raises(ls_export.ExportError, match="401|403"):
+        ls_export.export_project(project.id, label_studio.url, "wrong-key", tmp_path / "c2", reg, progress=lambda m: None)
+
+
+def test_retrain_publishes_a_new_version(flow):
+    assert flow.first.returncode == 0, flow.first.stderr[-3000:]
+    reg = ModelRegistry(flow.model_dir)
+    assert reg.current_version(flow.project) == "v0001"
+    vdir = reg.version_dir(flow.project, "v0001")
+    assert {p.name for p in vdir.iterdir()} >= {"model.pth", "config.yaml", "classes.json", "metrics.json",
+                                                "train_log.txt"}
+    metrics = json.loads((vdir / "metrics.json").read_text())
+    n_boxes = sum(flow.task_boxes.values())
+    assert metrics["data"]["boxes"] == n_boxes and metrics["data"]["tasks"] == N_IMAGES
+    # validated on the annotators' polygons, against the engine served before (GrabCut)
+    assert metrics["val"]["n_masks"] >= N_POLYGON_TASKS and 0.0 <= metrics["val"]["mIoU"] <= 1.0
+    assert metrics["baseline"]["model_version"].startswith("grabcut") and metrics["baseline"]["version"] is None
+    assert metrics["publish"]["published"] is True
+    assert "PUBLISHED" in flow.first.stdout and "[retrain] 4/7" in flow.first.stdout
+    # the class map holds every label of the project, and the version's classes.json equals it
+    labels = json.loads((vdir / "classes.json").read_text())["labels"]
+    assert labels == reg.load_class_map(flow.project) and len(labels) >= 1
+
+
+def test_backend_serves_the_new_version(flow, ls_client):
+    assert flow.first.returncode == 0
+    tasks = sorted(flow.task_boxes)[:3]
+    H.retrieve_predictions(ls_client, flow.project, tasks)
+    preds = [p for p in H.list_predictions(ls_client, flow.project) if p["task"] in tasks]
+    assert preds, flow.backend.tail_log()
+    assert {p["model_version"] for p in preds} == {"sim-v0001"}, flow.backend.tail_log()
+    for p in preds:
+        polys = H.regions_by_type(p["result"], "polygonlabels")
+        assert polys and all(H.region_mask(r).any() for r in polys)
+
+
+def test_scores_table_is_filled_and_pushed(flow, ls_client):
+    assert flow.first.returncode == 0
+    db = ScoreDB.for_project(flow.model_dir, flow.project)
+    rows = db.rows("v0001")
+    assert len(rows) == sum(flow.task_boxes.values())
+    assert {r["task"] for r in rows} == set(flow.task_boxes)
+    assert all(0.0 <= r["score"] <= 1.0 for r in rows)
+    out = subprocess.run([sys.executable, "-m", "training.scores", "--project", str(flow.project), "--model-dir",
+                          str(flow.model_dir), "--worst", "5", "--push", "--url", flow.backend.label_studio_url,
+                          "--api-key", flow.backend.api_key], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "5 worst boxes" in out.stdout
+    rows = db.rows("v0001")
+    worst_task = {}
+    for r in rows:
+        worst_task[r["task"]] = min(worst_task.get(r["task"], 1.0), r["score"])
+    preds = [p for p in H.list_predictions(ls_client, flow.project) if p["model_version"] == "sim-v0001"]
+    by_task = Counter(p["task"] for p in preds)
+    assert set(by_task) == set(flow.task_boxes) and max(by_task.values()) == 1  # one per task, no duplicates
+    for p in preds:
+        assert p["score"] == pytest.approx(worst_task[p["task"]], abs=1e-4)
+        assert {round(r["score"], 4) for r in p["result"]} <= {round(r["score"], 4) for r in rows
+                                                               if r["task"] == p["task"]}
+    assert H.count_annotations(ls_client, flow.project) == len(flow.task_boxes)  # predictions only
+
+
+def test_retrain_fails_when_label_studio_stops_midway(flow, label_studio, tmp_path):
+    assert flow.first.returncode == 0
+    relay = DyingRelay(label_studio.url, alive_for=4)  # project + task list + 2 images, then dead
+    try:
+        r = run_retrain(relay.url, label_studio.api_key, flow.project, flow.model_dir,
+                        "--cache-dir", str(tmp_path / "fresh-cache"), timeout=600)
+    finally:
+        relay.close()
+    assert r.returncode == 4, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "stopped answering" in r.stderr and "v0001 keeps serving" in r.stderr
+    reg = ModelRegistry(flow.model_dir)
+    assert reg.current_version(flow.project) == "v0001"
+    assert reg.version_names(flow.project) == ["v0001"]
+    assert not [p for p in reg.project_dir(flow.project).iterdir() if p.name.startswith((".v", ".work"))]
+    served = requests.get(f"{flow.backend.url}/versions", params={"project": flow.project}, timeout=60).json()
+    assert served["current"] == "sim-v0001", served
