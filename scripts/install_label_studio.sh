@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Install Label Studio (pinned) into its OWN virtual environment, for the end-to-end tests.
+#
+# Label Studio pins Django, numpy and friends in ways that clash with torch / detectron2, so it never
+# shares the project's .venv. The venv lives OUTSIDE the repository so that a fresh clone (CI) reuses it:
+#
+#   ${SIM_CACHE_DIR:-$HOME/.cache/sim-prelabels}/label-studio-venv      the venv (bin/label-studio)
+#   ${SIM_CACHE_DIR:-$HOME/.cache/sim-prelabels}/label-studio-template/ a migrated, empty sqlite database
+#
+# The first start of Label Studio migrates its sqlite database (50-85 s on 2 cores); the tests start
+# from a copy of the migrated template instead (~8 s). Both steps are idempotent: a second run checks
+# the installed version and the template and returns at once.
+#
+# Environment:
+#   SIM_CACHE_DIR         cache root (default $HOME/.cache/sim-prelabels)
+#   LABEL_STUDIO_VENV     venv location (default $SIM_CACHE_DIR/label-studio-venv)
+#   LABEL_STUDIO_VERSION  version to install (default 1.23.2)
+#   LS_PYTHON             interpreter for the venv (default python3)
+#   SKIP_LS_TEMPLATE=1    install only; do not prepare the migrated database
+set -euo pipefail
+
+LS_VERSION="${LABEL_STUDIO_VERSION:-1.23.2}"
+CACHE_DIR="${SIM_CACHE_DIR:-$HOME/.cache/sim-prelabels}"
+VENV="${LABEL_STUDIO_VENV:-$CACHE_DIR/label-studio-venv}"
+TEMPLATE_DIR="$CACHE_DIR/label-studio-template"
+PY="${LS_PYTHON:-python3}"
+
+log() { echo "[install_label_studio] $*"; }
+
+installed_version() {
+    [ -x "$VENV/bin/python" ] || return 1
+    "$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("label-studio"))' 2>/dev/null
+}
+
+if [ "$(installed_version || true)" = "$LS_VERSION" ] && [ -x "$VENV/bin/label-studio" ]; then
+    log "label-studio $LS_VERSION already installed in $VENV"
+else
+    log "installing label-studio==$LS_VERSION into $VENV (takes a few minutes)"
+    mkdir -p "$(dirname "$VENV")"
+    if [ ! -x "$VENV/bin/python" ]; then
+        log "creating venv with $PY ($("$PY" --version 2>&1))"
+        "$PY" -m venv "$VENV"
+    fi
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet "label-studio==$LS_VERSION"
+    got="$(installed_version || true)"
+    if [ "$got" != "$LS_VERSION" ]; then
+        log "ERROR: expected label-studio $LS_VERSION in $VENV, found '${got:-nothing}'" >&2
+        exit 1
+    fi
+    log "installed label-studio $got"
+fi
+
+if [ "${SKIP_LS_TEMPLATE:-0}" = "1" ]; then
+    log "SKIP_LS_TEMPLATE=1: not preparing the migrated database"
+    exit 0
+fi
+
+# The migrated template is tied to the installed version (a stamp file records it).
+if [ -f "$TEMPLATE_DIR/label_studio.sqlite3" ] && [ "$(cat "$TEMPLATE_DIR/VERSION" 2>/dev/null)" = "$LS_VERSION" ]; then
+    log "migrated sqlite template ready: $TEMPLATE_DIR/label_studio.sqlite3"
+    exit 0
+fi
+
+log "migrating an empty Label Studio database once (50-85 s on 2 cores) into $TEMPLATE_DIR"
+work="$(mktemp -d "${TMPDIR:-/tmp}/ls-template.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+# `label-studio version` applies Django's migrations to <data dir>/label_studio.sqlite3, prints the
+# version and exits without starting a server. env -i: Label Studio also reads bare USERNAME, PORT, HOST... from the env.
+env -i PATH="$VENV/bin:/usr/bin:/bin" HOME="$work" LANG=C.UTF-8 \
+    LABEL_STUDIO_BASE_DATA_DIR="$work/data" COLLECT_ANALYTICS=false \
+    "$VENV/bin/label-studio" version --data-dir "$work/data" >"$work/migrate.log" 2>&1 || {
+        log "ERROR: migration failed; last lines of its log:" >&2
+        tail -n 40 "$work/migrate.log" >&2
+        exit 1
+    }
+if [ ! -f "$work/data/label_studio.sqlite3" ]; then
+    log "ERROR: migration produced no $work/data/label_studio.sqlite3; last lines of its log:" >&2
+    tail -n 40 "$work/migrate.log" >&2
+    exit 1
+fi
+mkdir -p "$TEMPLATE_DIR"
+cp "$work/data/label_studio.sqlite3" "$TEMPLATE_DIR/label_studio.sqlite3.tmp"
+mv "$TEMPLATE_DIR/label_studio.sqlite3.tmp" "$TEMPLATE_DIR/label_studio.sqlite3"
+echo "$LS_VERSION" >"$TEMPLATE_DIR/VERSION"
+log "migrated sqlite template ready: $TEMPLATE_DIR/label_studio.sqlite3"
