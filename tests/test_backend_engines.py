@@ -132,3 +132,45 @@ def test_concurrent_requests_load_a_version_once(tmp_path):
     for t in threads:
         t.join()
     assert loads == ["v0001"] and len({id(e) for e in got}) == 1
+
+
+def test_real_sim_version_is_served_then_rolled_back(tmp_path):
+    """A real (randomly initialised, small test resolution) SIM model version through the default loader."""
+    import json
+
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    import sim_model.modeling  # noqa: F401  (registers the meta-architecture)
+    from sim_backend.app import create_app
+    from sim_model.config import get_sim_cfg
+    from tests.backend_fixtures import COCO_VAL_IMAGES, coco_boxes, coco_config, rect_item
+
+    labels = ["tv", "chair", "potted plant"]
+    cfg = get_sim_cfg()
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.EFFICIENTNET_LITE.PRETRAINED = False
+    cfg.MODEL.FCOS.NUM_CLASSES = len(labels)
+    cfg.MODEL.SIM.ENABLED = True
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 192, 320
+    torch.manual_seed(0)
+    vdir = ModelRegistry(tmp_path).version_dir(PROJECT, "v0001")
+    vdir.mkdir(parents=True)
+    DetectionCheckpointer(build_model(cfg).eval(), save_dir=str(vdir)).save("model")
+    (vdir / "config.yaml").write_text(cfg.dump())
+    (vdir / "classes.json").write_text(json.dumps({"labels": labels}))
+    ModelRegistry(tmp_path).set_current(PROJECT, "v0001")
+
+    client = create_app(Settings(model_dir=tmp_path)).test_client()
+    assert client.post("/setup", json={"project": f"{PROJECT}.17", "schema": coco_config()}).get_json() == {
+        "model_version": "sim-v0001"}
+    label, xywh, _ = coco_boxes(139, min_area=2000)[0]
+    payload = {"project": f"{PROJECT}.17", "label_config": coco_config(),
+               "tasks": [{"id": 1, "data": {"image": str(COCO_VAL_IMAGES / "000000000139.jpg")}}],
+               "params": {"context": {"result": [rect_item(label, xywh, 640, 426)]}}}
+    body = client.post("/predict", json=payload).get_json()
+    assert body["results"][0]["model_version"] == "sim-v0001" and body["errors"] == []
+    assert {r["type"] for r in body["results"][0]["result"]} == {"polygonlabels", "brushlabels"}
+    (tmp_path / str(PROJECT) / "CURRENT").unlink()       # no current version any more → GrabCut
+    assert client.post("/predict", json=payload).get_json()["results"][0]["model_version"] == "grabcut-v1"
