@@ -88,6 +88,7 @@ def test_predict_masks_scores_and_fallbacks(engine, monkeypatch):
     calls = []
     real = engine.model.image_features
     monkeypatch.setattr(engine.model, "image_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    engine._cache.clear()
     boxes4 = np.concatenate([boxes, boxes])
     labels = ["person", "person", "not-a-class", "dog"]  # known+initialised, unknown, known without prototypes
     masks, scores = engine.predict(img, np.concatenate([boxes[:1], boxes[:1], boxes[:1], boxes[1:]]), labels)
@@ -106,7 +107,8 @@ def test_predict_masks_scores_and_fallbacks(engine, monkeypatch):
     np.testing.assert_allclose(masks_dog[0], m_i, atol=1e-6)
     # the initialised class is rectified: M̂ = (1 - α) M_S + α M_I, with M_S from the prototypes (Eq. 1, 7)
     assert np.abs(masks[0] - m_i).max() > 1e-3
-    feats = real(torch.as_tensor(engine.resize.get_transform(img).apply_image(img).transpose(2, 0, 1).copy()).float())
+    assert len(calls) == 1  # the later boxes on the same image reused the cached network pass
+    _, feats = engine.image_features(img)
     z = F.normalize(feats.mask_features, dim=0)
     m_s, valid = engine.model.prototypes.semantic_map(z, [0], tau=1.0)
     assert valid.tolist() == [True]
@@ -123,6 +125,16 @@ def test_predict_masks_scores_and_fallbacks(engine, monkeypatch):
     alone, alone_s = engine.predict(img, boxes[1:], ["dog"])
     np.testing.assert_allclose(alone[0], masks[3], atol=1e-6)
     assert alone_s[0] == pytest.approx(scores[3], abs=1e-6)
+    # without the cache: same result, one network pass per call; another image is a cache miss
+    engine.feature_cache_size = 0
+    try:
+        again, _ = engine.predict(img, boxes[1:], ["dog"])
+    finally:
+        engine.feature_cache_size = 4
+    np.testing.assert_allclose(again[0], masks[3], atol=1e-6)
+    assert len(calls) == 2
+    engine.predict(np.ascontiguousarray(img[::-1]), boxes[1:], ["dog"])
+    assert len(calls) == 3
 
 
 def test_predict_bad_input_and_empty(engine):

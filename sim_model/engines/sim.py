@@ -11,7 +11,9 @@ For each drawn box the engine builds the mask the way SIM builds its pseudo mask
 
 A label that the model has never seen (absent from ``classes.json``, or a class whose prototypes were
 never updated, or a model trained without SIM) uses M_I alone. The network runs once per image
-(:meth:`CondInst.image_features`); each further box costs one dynamic mask head on the mask grid.
+(:meth:`CondInst.image_features`); each further box costs one dynamic mask head on the mask grid. The
+features of the last few images are kept (keyed by the image's content), so a box drawn later on the
+same image — the interactive Label Studio case, one /predict per new box — skips the network pass.
 
 The hyperparameters come from the version's ``config.yaml``: ``MODEL.SIM.INSTANCE_MAP_MU`` (µ),
 ``MODEL.SIM.RECTIFY_ALPHA`` (α), ``MODEL.SIM.PROTOTYPES.TEMPERATURE`` (τ),
@@ -20,8 +22,11 @@ The hyperparameters come from the version's ``config.yaml``: ``MODEL.SIM.INSTANC
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -67,6 +72,7 @@ class SIMBoxToMask(BoxToMask):
         model_version: the string reported to Label Studio, e.g. ``"sim-v0003"``.
         mu, alpha, tau, tau_low, tau_high: override ``MODEL.SIM.INSTANCE_MAP_MU``, ``RECTIFY_ALPHA``,
             ``PROTOTYPES.TEMPERATURE``, ``THRESH_LOW``, ``THRESH_HIGH``.
+        feature_cache_size: how many images' network outputs to keep for later boxes (0 = none).
 
     Raises:
         ModelVersionError: more class names than the model has classes.
@@ -74,7 +80,7 @@ class SIMBoxToMask(BoxToMask):
 
     def __init__(self, model, cfg, class_names: Sequence[str], model_version: str, *, mu: float | None = None,
                  alpha: float | None = None, tau: float | None = None, tau_low: float | None = None,
-                 tau_high: float | None = None):
+                 tau_high: float | None = None, feature_cache_size: int = 4):
         from detectron2.data import transforms as T
 
         s = cfg.MODEL.SIM
@@ -93,6 +99,9 @@ class SIMBoxToMask(BoxToMask):
         self.tau_high = float(s.THRESH_HIGH if tau_high is None else tau_high)
         self.input_format = cfg.INPUT.FORMAT
         self.resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
+        self.feature_cache_size = max(0, int(feature_cache_size))
+        self._cache: OrderedDict[tuple, tuple] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -159,6 +168,38 @@ class SIMBoxToMask(BoxToMask):
         return cls(model, cfg, labels, f"sim-{vdir.name}", **overrides)
 
     # ------------------------------------------------------------------ prediction
+    @torch.no_grad()
+    def image_features(self, image: np.ndarray):
+        """The network pass on one image at the test resolution, cached by image content.
+
+        Args:
+            image: (H, W, 3) uint8 RGB.
+
+        Returns:
+            (transform, features): the detectron2 resize transform applied to the image (maps boxes
+            with ``apply_box``) and the model's :class:`~sim_model.modeling.condinst.ImageFeatures`.
+        """
+        key = None
+        if self.feature_cache_size:
+            key = (image.shape, hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).hexdigest())
+            with self._cache_lock:
+                hit = self._cache.get(key)
+                if hit is not None:
+                    self._cache.move_to_end(key)
+                    return hit
+        tf = self.resize.get_transform(image)
+        resized = tf.apply_image(image)
+        if self.input_format == "BGR":
+            resized = resized[:, :, ::-1]
+        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype(np.float32))
+        feats = self.model.image_features(tensor)
+        if key is not None:
+            with self._cache_lock:
+                self._cache[key] = (tf, feats)
+                while len(self._cache) > self.feature_cache_size:
+                    self._cache.popitem(last=False)
+        return tf, feats
+
     def _class_ids(self, labels: Sequence[str]) -> torch.Tensor:
         """(N,) long class ids; -1 for a label the model does not know."""
         return torch.tensor([self.class_ids.get(str(name), -1) for name in labels], dtype=torch.long)
@@ -185,14 +226,8 @@ class SIMBoxToMask(BoxToMask):
         if n == 0:
             return np.zeros((0, h0, w0), np.float32), np.zeros((0,), np.float32)
 
-        # one network pass at the test resolution
-        tf = self.resize.get_transform(image)
-        resized = tf.apply_image(image)
-        if self.input_format == "BGR":
-            resized = resized[:, :, ::-1]
-        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype(np.float32))
+        tf, feats = self.image_features(image)
         rboxes = torch.as_tensor(tf.apply_box(boxes.astype(np.float32)), dtype=torch.float32)
-        feats = self.model.image_features(tensor)
 
         # M_I per box (Eq. 6) on the mask grid
         m_i = []

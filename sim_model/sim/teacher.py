@@ -68,6 +68,7 @@ class MomentumTeacher(nn.Module):
         """
         m = self.momentum if momentum is None else float(momentum)
         s_state = _unwrap(student).state_dict()
+        ema_t, ema_s = [], []
         for name, t in self.model.state_dict().items():
             if name not in s_state:
                 raise KeyError(f"student has no '{name}' (the teacher is a copy of a different model)")
@@ -75,9 +76,13 @@ class MomentumTeacher(nn.Module):
             if s.shape != t.shape:
                 raise KeyError(f"'{name}': teacher shape {tuple(t.shape)} != student shape {tuple(s.shape)}")
             if t.dtype.is_floating_point:
-                t.mul_(m).add_(s.to(t.dtype), alpha=1.0 - m)
+                ema_t.append(t)
+                ema_s.append(s.to(t.dtype))
             else:
                 t.copy_(s)
+        if ema_t:
+            # t += (1 - m) * (s - t)  ==  m * t + (1 - m) * s, one fused kernel per dtype/device group
+            torch._foreach_lerp_(ema_t, ema_s, 1.0 - m)
         self.num_updates += 1
 
     @torch.no_grad()
