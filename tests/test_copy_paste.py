@@ -8,6 +8,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
+from sim_model.engines.shape_prior import box_mask
 from sim_model.sim.copy_paste import (MemoryBank, box_masks, copy_paste, mask_boxes, num_to_paste,
                                       paste_instances, sample_instances)
 
@@ -26,6 +27,13 @@ def test_box_masks_and_mask_boxes():
     assert m[1].all()
     torch.testing.assert_close(mask_boxes(m), torch.tensor([[1.0, 2.0, 4.0, 5.0], [0.0, 0.0, 8.0, 6.0]]))
     assert mask_boxes(m[:0]).shape == (0, 4)
+    # fractional boxes: the same pixels as the engines' numpy rasterisation
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(20, 2, generator=g) * torch.tensor([30.0, 20.0]) - 3
+    boxes = torch.cat([xy, xy + torch.rand(20, 2, generator=g) * 15 + 0.2], dim=1)
+    tm = box_masks(boxes, 20, 30)
+    for t, b in zip(tm, boxes):
+        assert np.array_equal(t.numpy(), box_mask((20, 30), b.numpy())), b
 
 
 def test_paste_covers_removes_pixels_shrinks_boxes_and_drops_hidden_objects():

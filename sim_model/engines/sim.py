@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from sim_model.box_to_mask import BoxToMask, BoxToMaskError
-from sim_model.engines.shape_prior import box_mask
+from sim_model.sim.copy_paste import box_masks
 from sim_model.sim.pseudo_masks import instance_map, mask_score, positive_weights, rectify, threshold_pseudo_mask
 
 log = logging.getLogger(__name__)
@@ -252,8 +252,7 @@ class SIMBoxToMask(BoxToMask):
 
         # to image pixels, restricted to the box; S_k (Eq. 8, 11)
         full = feats.to_image(m_prob, (h0, w0)).clamp_(0.0, 1.0)
-        inside = torch.as_tensor(np.stack([box_mask((h0, w0), b) for b in boxes]))
-        full = full * inside.to(full.device, full.dtype)
+        full = full * box_masks(torch.as_tensor(boxes), h0, w0).to(full.device, full.dtype)
         target, _ = threshold_pseudo_mask(full, self.tau_low, self.tau_high)
         scores = mask_score(full, target)
         return full.cpu().numpy().astype(np.float32), scores.cpu().numpy().astype(np.float32)

@@ -43,7 +43,9 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
 
 
 def box_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Filled-box masks: pixel (y, x) is inside box (x0, y0, x1, y1) when its centre (x+½, y+½) is.
+    """Filled-box masks: every pixel the box touches, i.e. columns floor(x0)..ceil(x1)-1 and rows
+    floor(y0)..ceil(y1)-1, clipped to the image and at least one pixel wide and high — the same pixels
+    as :func:`sim_model.engines.shape_prior.box_mask`, batched on tensors.
 
     Use these as ``target_masks`` of :func:`paste_instances` for box-supervised objects.
 
@@ -54,11 +56,15 @@ def box_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     Returns:
         (N, H, W) bool.
     """
-    boxes = boxes.to(torch.float32)
-    ys = torch.arange(height, dtype=torch.float32, device=boxes.device) + 0.5
-    xs = torch.arange(width, dtype=torch.float32, device=boxes.device) + 0.5
-    in_y = (ys[None, :] >= boxes[:, 1:2]) & (ys[None, :] <= boxes[:, 3:4])  # (N, H)
-    in_x = (xs[None, :] >= boxes[:, 0:1]) & (xs[None, :] <= boxes[:, 2:3])  # (N, W)
+    b = boxes.to(torch.float32)
+    c0 = b[:, 0].floor().clamp(0, width - 1)
+    r0 = b[:, 1].floor().clamp(0, height - 1)
+    c1 = torch.maximum(b[:, 2].ceil().clamp(max=width), c0 + 1)
+    r1 = torch.maximum(b[:, 3].ceil().clamp(max=height), r0 + 1)
+    ys = torch.arange(height, dtype=torch.float32, device=b.device)
+    xs = torch.arange(width, dtype=torch.float32, device=b.device)
+    in_y = (ys[None, :] >= r0[:, None]) & (ys[None, :] < r1[:, None])  # (N, H)
+    in_x = (xs[None, :] >= c0[:, None]) & (xs[None, :] < c1[:, None])  # (N, W)
     return in_y[:, :, None] & in_x[:, None, :]
 
 
