@@ -80,6 +80,8 @@ def add_sim_config(cfg: CN) -> CN:
     _c.MODEL.EFFICIENTNET_LITE.OUT_FEATURES = ["res3", "res4", "res5"]
     # Freeze the stem and the first N blocks groups (0 = train everything).
     _c.MODEL.EFFICIENTNET_LITE.FREEZE_AT = 0
+    # BatchNorm of the backbone frozen to its ImageNet statistics (small per-device batches).
+    _c.MODEL.EFFICIENTNET_LITE.FROZEN_BN = True
     # FPN: P3–P5 from the backbone, P6–P7 by stride-2 convs on P5 (FCOS style).
     _c.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
     _c.MODEL.FPN.OUT_CHANNELS = 256
@@ -116,6 +118,8 @@ def add_sim_config(cfg: CN) -> CN:
     # ------------------------------------------------------------------ CondInst
     _c.MODEL.CONDINST = CN()
     _c.MODEL.CONDINST.MASK_OUT_STRIDE = 4
+    # Input images are padded to a multiple of this (AdelaiDet: 32).
+    _c.MODEL.CONDINST.SIZE_DIVISIBILITY = 32
     # Positives per image whose masks are trained (-1 = all); AdelaiDet's TOPK_PROPOSALS_PER_IM.
     _c.MODEL.CONDINST.MAX_PROPOSALS = -1
     _c.MODEL.CONDINST.TOPK_PROPOSALS_PER_IM = 64
