@@ -51,7 +51,8 @@ def _wait_unlocked(model_dir: Path, project: int, timeout: float = 120.0) -> Non
         time.sleep(0.2)
 
 
-def test_start_training_refused_while_locked_and_allowed_after_a_crash(settings):
+def test_start_training_refused_while_locked_and_allowed_after_a_crash(settings, monkeypatch):
+    monkeypatch.setenv("RETRAIN_ARGS", "--timeout 3 --max-iter 7")
     model_dir = settings.model_dir
     holder = _hold_lock(model_dir, 12)
     try:
@@ -73,7 +74,7 @@ def test_start_training_refused_while_locked_and_allowed_after_a_crash(settings)
     assert again["status"] == "busy"
     _wait_unlocked(model_dir, 12)
     log = Path(out["log"]).read_text()
-    assert "training.retrain --project 12" in log
+    assert "training.retrain --project 12" in log and "--timeout 3 --max-iter 7" in log  # RETRAIN_ARGS
     assert "FAILED (exit 4)" in log and settings.label_studio_url in log  # says why it stopped
     assert ProjectLock(model_dir, 12).is_held() is False
 

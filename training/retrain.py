@@ -135,9 +135,7 @@ def _fail(code: int, msg: str) -> int:
 
 
 def _num_classes_opts(n: int) -> list[str]:
-    """Config overrides setting the class count (every head that has one)."""
-    from training.train import build_config  # noqa: F401  (the config keys come from add_sim_config)
-
+    """Config overrides setting the class count of the network (``MODEL.FCOS.NUM_CLASSES``)."""
     return ["MODEL.FCOS.NUM_CLASSES", str(n)]
 
 
@@ -218,6 +216,7 @@ def _run(args, settings, registry, model_dir: Path, url: str, key: str, project:
              + (f", {val_json} ({export.n_masks} validation masks)" if val_json else ", no validation masks"))
         if args.dry_run:
             _say(3, "dry run: stopping before training")
+            _say(None, f"done in {time.time() - t_start:.0f} s: dry run; exit {EXIT_OK}")
             return EXIT_OK
         return _train_publish(args, settings, registry, project, export, train_json, val_json, work, served, t_start)
     finally:

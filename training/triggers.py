@@ -12,6 +12,9 @@
   annotation tries again). N = 0 (default) turns this off.
 * any other action → ``{"status": "ignored"}``.
 
+``RETRAIN_ARGS`` (environment of the backend) adds arguments to the retrains started here, e.g.
+``RETRAIN_ARGS="--max-iter 500 --tolerance 0.01"`` (split like a shell would, :func:`shlex.split`).
+
 The lock: ``<model dir>/<project>/retrain.lock``, held with ``fcntl.flock(LOCK_EX | LOCK_NB)`` by the
 process that runs the retrain. The webhook takes the lock *before* starting the process and hands the
 locked file descriptor to it (``--lock-fd``), so no second retrain can slip in between; the lock then
@@ -33,6 +36,7 @@ from pathlib import Path
 LOCK_FILE = "retrain.lock"
 COUNT_FILE = "annotation_count.json"
 ENV_EVERY_N = "RETRAIN_EVERY_N_ANNOTATIONS"
+ENV_RETRAIN_ARGS = "RETRAIN_ARGS"
 
 
 class LockHeld(RuntimeError):
@@ -146,12 +150,19 @@ def start_retrain(project: int | str, settings=None, extra_args: list[str] | Non
         project: project id.
         settings: :class:`sim_backend.settings.Settings` (``model_dir``, ``label_studio_url``,
             ``label_studio_api_key``); None reads the environment.
-        extra_args: more retrain arguments (tests: ``--max-iter``).
+        extra_args: more retrain arguments; default: ``RETRAIN_ARGS`` of the environment.
 
     Returns:
         ``{"status": "started", "project", "pid", "log"}`` or ``{"status": "busy", "project", "message"}``.
     """
+    import shlex
+
     model_dir = Path(_settings_value(settings, "model_dir", "MODEL_DIR", "./models")).resolve()
+    if extra_args is None:
+        try:
+            extra_args = shlex.split(os.environ.get(ENV_RETRAIN_ARGS, ""))
+        except ValueError as e:
+            return {"status": "error", "project": str(project), "message": f"{ENV_RETRAIN_ARGS}: {e}"}
     lock = ProjectLock(model_dir, project)
     try:
         lock.acquire()

@@ -6,11 +6,13 @@ One flow (module fixture ``flow``):
    every image annotated with its ground-truth boxes, ``N_POLYGON_TASKS`` of them also with the
    annotator's polygons (coco's masks, as an annotator would correct them);
 2. our backend under gunicorn connected as the project's ML backend (serves GrabCut: no version yet);
-3. ``python -m training.retrain`` with a tiny schedule (``--max-iter``) → ``v0001`` published;
+3. Label Studio's Start Training button (``POST /api/ml/{id}/train``) → our /webhook → a detached
+   ``python -m training.retrain`` with a tiny schedule (``RETRAIN_ARGS="--max-iter …"``) → ``v0001``
+   published;
 4. "Retrieve predictions" through Label Studio → the stored predictions carry ``sim-v0001``;
 5. the S_k table holds one row per box for v0001; ``training.scores --push`` stores the masks as
    predictions whose task score is the task's lowest S_k;
-6. a second retrain whose Label Studio stops answering mid-way (a relay in front of the real server
+6. a second retrain (command line, as cron runs it) whose Label Studio stops answering mid-way (a relay in front of the real server
    that goes dead after a few requests) fails with exit code 4 and a message, while v0001 keeps
    serving and no v0002 appears.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -179,21 +182,35 @@ def project(label_studio, ls_client, start_backend, coco_train, tmp_path_factory
         task_boxes[task["id"]] = sum(1 for r in result if r["type"] == "rectanglelabels")
         labels |= {r["value"][r["type"]][0] for r in result}
     model_dir = tmp_path_factory.mktemp("models")
-    backend = start_backend(model_dir)
+    # retrains started by the backend (Start Training button) use the tiny schedule too
+    backend = start_backend(model_dir, extra_env={"RETRAIN_ARGS": f"--max-iter {MAX_ITER} --tolerance 1 --timeout 20"})
     ml_id = H.connect_ml_backend(client, pid, backend.url)
     assert H.ml_backend_model_version(client, ml_id).startswith("grabcut")
     return Project(pid, ml_id, model_dir, backend, task_boxes, polygon_tasks, n_polygons, labels)
 
 
 @pytest.fixture(scope="module")
-def flow(project, label_studio) -> Flow:
-    """The first retrain of the project (tiny schedule)."""
+def flow(project, ls_client) -> Flow:
+    """The first retrain of the project, started by Label Studio's Start Training button (tiny schedule)."""
+    from training.triggers import ProjectLock
+
     t0 = time.monotonic()
-    first = run_retrain(label_studio.url, label_studio.api_key, project.id, project.model_dir)
-    timings = {"retrain_s": time.monotonic() - t0}
-    print(first.stdout[-4000:], first.stderr[-4000:], sep="\n")
+    ls_client.ml.train(id=project.ml_id)  # Label Studio -> POST /webhook START_TRAINING -> detached retrain
+    logs = project.model_dir / str(project.id) / "logs"
+    while not (logs.is_dir() and list(logs.glob("retrain-*.log"))):
+        assert time.monotonic() - t0 < 120, "Start Training did not start a retrain: " + project.backend.tail_log()
+        time.sleep(0.5)
+    lock = ProjectLock(project.model_dir, project.id)
+    while lock.is_held():
+        assert time.monotonic() - t0 < 1800, "the retrain did not finish in 30 min"
+        time.sleep(2)
+    log = next(logs.glob("retrain-*.log")).read_text()
+    codes = re.findall(r"exit (\d+)", log)
+    rc = int(codes[-1]) if codes else -1
+    print(log[-5000:])
+    first = subprocess.CompletedProcess(["START_TRAINING"], rc, stdout=log, stderr=log)
     return Flow(project.id, project.ml_id, project.model_dir, project.backend, project.task_boxes,
-                project.polygon_tasks, first, timings)
+                project.polygon_tasks, first, {"retrain_s": time.monotonic() - t0})
 
 
 def test_export_from_real_label_studio(project, label_studio, tmp_path):
