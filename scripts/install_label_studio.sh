@@ -27,6 +27,13 @@ PY="${LS_PYTHON:-python3}"
 
 log() { echo "[install_label_studio] $*"; }
 
+# One install at a time per cache (scripts/install.sh and a developer may run it together).
+mkdir -p "$CACHE_DIR"
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$CACHE_DIR/.label-studio-install.lock"
+    flock 9
+fi
+
 installed_version() {
     [ -x "$VENV/bin/python" ] || return 1
     "$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("label-studio"))' 2>/dev/null
@@ -41,8 +48,8 @@ else
         log "creating venv with $PY ($("$PY" --version 2>&1))"
         "$PY" -m venv "$VENV"
     fi
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet "label-studio==$LS_VERSION"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "label-studio==$LS_VERSION"
     got="$(installed_version || true)"
     if [ "$got" != "$LS_VERSION" ]; then
         log "ERROR: expected label-studio $LS_VERSION in $VENV, found '${got:-nothing}'" >&2

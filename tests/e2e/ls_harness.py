@@ -53,9 +53,9 @@ Errors: :class:`HarnessError` (server did not start, API call failed) with the t
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -64,7 +64,7 @@ import sys
 import time
 import xml.sax.saxutils
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
@@ -123,6 +123,17 @@ def _tail(path: Path, n: int = 60) -> str:
         return "(no log)"
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the test process dies (Linux), so that a killed
+    pytest leaves no server behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
 class _Process:
     """A child process in its own process group, its output in a log file."""
 
@@ -137,7 +148,8 @@ class _Process:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(list(argv), env=env, cwd=str(cwd), stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
+        atexit.register(self.stop)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

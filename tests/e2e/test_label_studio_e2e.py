@@ -98,7 +98,14 @@ class Flow:
     interactive: dict
     interactive_task: int
     interactive_ann: dict
+    backend: H.BackendServer
+    label_studio: H.LabelStudioServer
     timings: dict = field(default_factory=dict)
+
+    def logs(self) -> str:
+        """Tails of both servers' logs, for failure messages."""
+        return (f"\n--- backend log ({self.backend.log_path}):\n{self.backend.tail_log(40)}"
+                f"\n--- Label Studio log ({self.label_studio.log_path}):\n{self.label_studio.tail_log(40)}")
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +168,7 @@ def flow(label_studio, ls_client, start_backend, coco_val, tmp_path_factory) -> 
 
     f = Flow(project, ml_id, tasks, {t: by_id[i] for t, i in task_to_image.items()}, anns, names,
              setup_version, ls_version, annotations_before, annotations_after, first, second,
-             after_interactive, interactive, tid, ann,
+             after_interactive, interactive, tid, ann, backend, label_studio,
              {"retrieve_s": t_retrieve, "retrieve_again_s": t_retrieve2, "interactive_s": t_inter,
               "flow_s": time.monotonic() - t_all})
     print(f"\n[e2e] timings: {f.timings}; backend log {backend.log_path}; LS log {label_studio.log_path}")
@@ -179,7 +186,8 @@ def test_every_task_gets_one_prediction_with_the_setup_model_version(flow):
     assert flow.setup_version, "/setup returned an empty model_version"
     assert flow.ls_version == flow.setup_version, "Label Studio recorded another model_version than /setup returns"
     per_task = _by_task(flow.first)
-    assert sorted(per_task) == sorted(flow.tasks), "some tasks got no stored prediction"
+    assert sorted(per_task) == sorted(flow.tasks), f"tasks without a stored prediction: " \
+        f"{sorted(set(flow.tasks) - set(per_task))}{flow.logs()}"
     for tid, preds in per_task.items():
         assert len(preds) == 1, f"task {tid}: {len(preds)} predictions after one Retrieve"
         p = preds[0]
@@ -237,7 +245,7 @@ def test_retrieving_again_does_not_duplicate(flow):
 
 def test_interactive_request_through_label_studio(flow):
     ans = flow.interactive
-    assert "errors" not in ans or not ans["errors"], f"interactive request failed: {ans}"
+    assert "errors" not in ans or not ans["errors"], f"interactive request failed: {ans}{flow.logs()}"
     data = ans["data"]
     assert data["model_version"] == flow.setup_version
     polys = H.regions_by_type(data["result"], "polygonlabels")
