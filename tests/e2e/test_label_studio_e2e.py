@@ -24,7 +24,8 @@ from sim_model.engines.shape_prior import box_mask
 from sim_model.evaluation import mask_iou, xywh_to_xyxy
 from tests.e2e import ls_harness as H
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# e2e, not slow: ~20-60 s on 2 cores, and CI (scripts/test.sh deselects `slow`) must run it.
+pytestmark = pytest.mark.e2e
 
 N_IMAGES = 20
 
