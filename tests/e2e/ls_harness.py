@@ -102,6 +102,9 @@ def label_studio_missing() -> str | None:
     exe = ls_venv_dir() / "bin" / "label-studio"
     if not exe.exists():
         return f"Label Studio is not installed ({exe} missing): run scripts/install_label_studio.sh"
+    if not list(ls_venv_dir().glob(f"lib/python*/site-packages/label_studio-{LS_VERSION}.dist-info")):
+        return (f"{ls_venv_dir()} does not hold label-studio {LS_VERSION}: "
+                "run scripts/install_label_studio.sh")
     stamp = ls_template_db().parent / "VERSION"
     if not (ls_template_db().exists() and stamp.exists() and stamp.read_text().strip() == LS_VERSION):
         return (f"no migrated Label Studio {LS_VERSION} database at {ls_template_db()}: "
