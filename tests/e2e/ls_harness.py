@@ -2,14 +2,17 @@
 
 Label Studio 1.23.2 lives in its own virtual environment, installed by
 ``scripts/install_label_studio.sh`` (its pins clash with torch and numpy). That script also keeps a
-migrated, empty sqlite database; every server started here begins from a copy of it (~8 s instead of
-50-85 s of migrations). Both live under ``${SIM_CACHE_DIR:-~/.cache/sim-prelabels}``.
+migrated, empty sqlite database; every server started here begins from a copy of it (ready in 4-8 s instead
+of 35-85 s of migrations). Both live under ``${SIM_CACHE_DIR:-~/.cache/sim-prelabels}``.
 
 API (everything takes/returns plain ids and dicts; the SDK client is ``label_studio_sdk.LabelStudio``):
 
 Locating the install
     ``ls_venv_dir() -> Path``, ``ls_template_db() -> Path``,
-    ``label_studio_missing() -> str | None`` (why Label Studio cannot be started, or None).
+    ``label_studio_missing() -> str | None`` (why Label Studio cannot be started, or None),
+    ``cache_dir() -> Path``, ``free_port() -> int``.
+    Pytest fixtures over this module are in ``tests/e2e/conftest.py`` (``label_studio``, ``ls_client``,
+    ``start_backend``, ``coco_val``, ``coco_train``).
 
 Servers (context managers; ``start()`` waits until ready, ``stop()`` ends the process group it started)
     ``LabelStudioServer(workdir, document_root, *, port=None, username=..., password=..., token=...,
@@ -28,6 +31,7 @@ Project set-up
     ``create_project(client, title, label_config) -> int``.
     ``add_local_files_storage(client, project_id, path, *, regex_filter=r".*\\.(jpe?g|png)$") -> int``:
     a Local Files import storage over ``path`` (inside the document root), synced; one task per image.
+    ``list_tasks(client, project_id) -> list[dict]``, ``task_image_url(task) -> str``,
     ``task_file_name(task) -> str``: the image file name of a task (from its ``/data/local-files/?d=``).
     ``coco_box_results(coco, image_id, *, from_name="box", to_name="image") -> list[dict]``: the image's
     non-crowd COCO boxes as ``rectanglelabels`` results (percent, with original_width/height).
