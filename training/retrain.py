@@ -73,6 +73,7 @@ EXIT_SCORES_FAILED = 7
 EXIT_NOT_PUBLISHED = 10
 
 DEFAULT_CONFIG = "configs/SIM_EffLite0_FPN_cpu.yaml"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TOLERANCE = 0.02
 STEPS = 7
 
@@ -132,11 +133,6 @@ def _say(step: int | None, msg: str) -> None:
 def _fail(code: int, msg: str) -> int:
     print(f"[retrain] FAILED (exit {code}): {msg}", file=sys.stderr, flush=True)
     return code
-
-
-def _num_classes_opts(n: int) -> list[str]:
-    """Config overrides setting the class count of the network (``MODEL.FCOS.NUM_CLASSES``)."""
-    return ["MODEL.FCOS.NUM_CLASSES", str(n)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -313,57 +309,130 @@ def _train(args, registry, project, export, train_json: Path, out_dir: Path, ser
     """Configure and run the training; returns (cfg, train() result, path of the final checkpoint)."""
     import torch
 
-    from training.data import register_coco
     from training.train import build_config, train
 
-    name = f"ls_project{project}_train_{os.getpid()}_{int(time.time())}"
-    register_coco(name, str(train_json), str(export.image_dir))
-    opts = ["DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()", "OUTPUT_DIR", str(out_dir)]
-    opts += _num_classes_opts(len(export.labels))
+    opts = ["DATASETS.TEST", "()", "OUTPUT_DIR", str(out_dir)]
     resume = False
+    grown_from: Path | None = None
     parent_classes: list[str] = []
     if served is not None:
         vdir = registry.version_dir(project, served)
-        config_file = str(vdir / "config.yaml")
+        config_file = Path(args.config) if args.config else vdir / "config.yaml"
         parent_classes = json.loads((vdir / "classes.json").read_text())["labels"]
         ckpt = torch.load(vdir / "model.pth", map_location="cpu", weights_only=False)
         start_iter = int(ckpt.get("iteration", -1)) + 1 if isinstance(ckpt, dict) else 0
-        if parent_classes == export.labels[: len(parent_classes)] and len(parent_classes) == len(export.labels):
-            # same classes: continue the run (iteration, optimizer, scheduler, teacher, prototypes)
+        del ckpt
+        if export.labels[: len(parent_classes)] != parent_classes:
+            # the project's class map no longer extends the parent's (edited by hand?): ids would not match
+            config_file = Path(args.config) if args.config else REPO_ROOT / DEFAULT_CONFIG
+            start_iter = 0
+            _say(4, f"the class map does not extend {served}'s classes: starting again from {config_file}")
+        elif parent_classes == export.labels:
+            # same classes: continue the run (iteration, optimizer, scheduler, teacher, prototypes, memory bank)
             out_dir.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(vdir / "model.pth", out_dir / "model_parent.pth")
             (out_dir / "last_checkpoint").write_text("model_parent.pth")
             resume = True
             _say(4, f"continuing {served} from iteration {start_iter}")
         else:
-            # the class map grew: load the weights only (new class-dependent layers), new schedule
-            opts += ["MODEL.WEIGHTS", str(vdir / "model.pth")]
+            # the class map grew (old ids unchanged, new ones appended): start from the parent's weights with
+            # its class-dependent rows kept and rows for the new classes freshly initialised; new schedule
+            grown_from = vdir / "model.pth"
             start_iter = 0
             _say(4, f"classes grew from {len(parent_classes)} to {len(export.labels)}: starting from the weights "
-                    f"of {served} with a new schedule")
+                    f"of {served} (its {len(parent_classes)} classes kept) with a new schedule")
     else:
-        config_file = args.config or DEFAULT_CONFIG
+        config_file = Path(args.config) if args.config else REPO_ROOT / DEFAULT_CONFIG
         start_iter = 0
         _say(4, f"first version: {config_file} with its base weights")
-    if args.config and served is not None:
-        config_file = args.config
-    cfg = build_config(config_file, opts + list(args.opts))
-    n_iter = args.max_iter if args.max_iter is not None else int(cfg.SOLVER.MAX_ITER)
-    if resume or args.max_iter is not None:
+    # NUM_CLASSES = number of categories of train.json = the whole class map (ids stable across versions)
+    cfg = build_config(str(config_file), opts + list(args.opts), train_json=str(train_json),
+                       train_images=str(export.image_dir))
+    if grown_from is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        weights = grow_classes(grown_from, cfg, len(parent_classes), out_dir / "model_parent_grown.pth")
         cfg.defrost()
-        cfg.SOLVER.MAX_ITER = start_iter + n_iter
+        cfg.MODEL.WEIGHTS = str(weights)
         cfg.freeze()
+    n_iter = args.max_iter if args.max_iter is not None else int(cfg.SOLVER.MAX_ITER)
+    cfg.defrost()
+    cfg.SOLVER.MAX_ITER = start_iter + n_iter
+    cfg.freeze()
     _say(4, f"training iterations {start_iter}..{cfg.SOLVER.MAX_ITER} on {export.n_boxes} boxes "
-            f"({len(export.labels)} classes)")
+            f"({len(export.labels)} classes, {cfg.MODEL.DEVICE})")
     result = train(cfg, resume=resume)
-    final = out_dir / "model_final.pth"
+    final = Path(result.get("final_checkpoint") or out_dir / "model_final.pth")
     if not final.is_file():
         last = out_dir / "last_checkpoint"
         if last.is_file():
             final = out_dir / last.read_text().strip()
-    if not final.is_file():
-        raise FileNotFoundError(f"training wrote no checkpoint in {out_dir}")
+    if not final.is_file() or final.name == "model_parent.pth":
+        raise FileNotFoundError(f"training wrote no new checkpoint in {out_dir}")
     return cfg, result, final
+
+
+def grow_classes(parent_ckpt: Path, cfg, n_old: int, out_path: Path) -> Path:
+    """Weights for a network with more classes, from a parent checkpoint with the first ``n_old`` of them.
+
+    Class ids are stable (new labels are appended to the class map), so every class-dependent tensor
+    (classification logits, prototypes, for the student and its momentum teacher) keeps the parent's
+    rows ``[:n_old]``; the rows of the new classes take the freshly built network's initialisation.
+    Tensors of the same shape are copied; anything else keeps the new initialisation.
+
+    Args:
+        parent_ckpt: the parent version's ``model.pth`` (detectron2 checkpoint with ``"model"``).
+        cfg: the new config (``MODEL.FCOS.NUM_CLASSES`` = new class count).
+        n_old: the parent's class count.
+        out_path: where to write the weights-only checkpoint (``{"model": state_dict}``).
+
+    Returns:
+        ``out_path``.
+    """
+    import torch
+    from detectron2.modeling import build_model
+
+    import sim_model.modeling  # noqa: F401  (registers CondInst)
+
+    n_new = int(cfg.MODEL.FCOS.NUM_CLASSES)
+    new_sd = build_model(cfg).state_dict()
+    old_sd = torch.load(parent_ckpt, map_location="cpu", weights_only=False)["model"]
+    out, grown, fresh = {}, [], []
+    for k, ref in new_sd.items():
+        v = old_sd.get(k)
+        if v is None and k.startswith("teacher.model."):
+            v = old_sd.get("net." + k[len("teacher.model."):])
+        if v is None or not hasattr(v, "shape"):
+            out[k] = ref if v is None else v
+            if v is None:
+                fresh.append(k)
+            continue
+        if tuple(v.shape) == tuple(ref.shape):
+            out[k] = v
+        elif v.dim() >= 1 and v.shape[0] == n_old and ref.shape[0] == n_new and v.shape[1:] == ref.shape[1:]:
+            t = ref.clone()
+            t[:n_old] = v.to(t.dtype)
+            out[k] = t
+            grown.append(k)
+        else:
+            out[k] = ref
+            fresh.append(k)
+    # the momentum teacher (SIM §3.4) is a copy of the network ("teacher.model.<key>" mirrors "net.<key>"),
+    # created when training starts; carry its state over the same way
+    for k, v in old_sd.items():
+        if k in out or not k.startswith("teacher."):
+            continue
+        ref = new_sd.get("net." + k[len("teacher.model."):]) if k.startswith("teacher.model.") else None
+        if ref is None or not hasattr(v, "shape") or tuple(v.shape) == tuple(ref.shape):
+            out[k] = v
+        elif v.dim() >= 1 and v.shape[0] == n_old and ref.shape[0] == n_new and v.shape[1:] == ref.shape[1:]:
+            t = ref.clone()
+            t[:n_old] = v.to(t.dtype)
+            out[k] = t
+            grown.append(k)
+    _say(4, f"grew {len(grown)} class-dependent tensors from {n_old} to {n_new} classes"
+            + (f"; {len(fresh)} tensors freshly initialised" if fresh else ""))
+    torch.save({"model": out}, out_path)
+    return out_path
 
 
 def _load_engine(vdir: Path, version: str):
