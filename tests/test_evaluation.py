@@ -1,0 +1,125 @@
+"""Tests of the one box→mask evaluation (sim_model.evaluation) and the benchmark's results file,
+on the real coco-mini val2017 images and annotations."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+
+from sim_model.benchmark import default_data_dir, record_results, render_markdown
+from sim_model.box_to_mask import BoxToMask, BoxToMaskError
+from sim_model.engines.shape_prior import EllipseEngine, FilledBoxEngine, box_mask, ellipse_mask
+from sim_model.evaluation import evaluate_box_to_mask, mask_iou, xywh_to_xyxy
+
+DATA = default_data_dir()
+VAL_JSON = DATA / "val2017" / "annotations" / "instances_val2017.json"
+VAL_IMAGES = DATA / "val2017" / "images"
+pytestmark = pytest.mark.skipif(not VAL_JSON.exists(), reason=f"coco-mini not found at {DATA}")
+
+
+@pytest.fixture(scope="module")
+def coco():
+    return COCO(str(VAL_JSON))
+
+
+class GroundTruthEngine(BoxToMask):
+    """Returns each box's own ground-truth mask (looked up by its box), score 1: the ceiling."""
+
+    model_version = "ground-truth"
+
+    def __init__(self, coco: COCO):
+        self.by_box = {}
+        for a in coco.loadAnns(coco.getAnnIds(iscrowd=False)):
+            self.by_box[tuple(np.round(xywh_to_xyxy(a["bbox"]), 2))] = coco.annToMask(a).astype(np.float32)
+
+    def predict(self, image, boxes, labels):
+        self._check_inputs(image, boxes, labels)
+        masks = np.stack([self.by_box[tuple(np.round(np.asarray(b, np.float32), 2))] for b in boxes])
+        return masks, np.ones(len(boxes), np.float32)
+
+
+def _readme_floor() -> dict[str, float]:
+    """The filled-box reference figures that coco-mini's README documents for val2017."""
+    text = (DATA / "README.md").read_text()
+    m = re.search(r"val2017 mask AP ([0-9.]+) / AP50 ([0-9.]+), mean IoU\(box, mask\) ([0-9.]+)", text)
+    assert m, "coco-mini README no longer states the val2017 filled-box floor"
+    return {"AP": float(m.group(1)) * 100, "AP50": float(m.group(2)) * 100, "mIoU": float(m.group(3))}
+
+
+def test_ground_truth_masks_score_perfectly(coco):
+    res = evaluate_box_to_mask(GroundTruthEngine(coco), VAL_JSON, VAL_IMAGES, progress=False)
+    n_noncrowd = len(coco.getAnnIds(iscrowd=False))
+    assert res["n_boxes"] == n_noncrowd
+    assert res["n_small"] + res["n_medium"] + res["n_large"] == n_noncrowd
+    assert res["mIoU"] == pytest.approx(1.0)
+    for size in ("small", "medium", "large"):
+        assert res[f"mIoU_{size}"] == pytest.approx(1.0)
+    assert res["AP"] == pytest.approx(100.0, abs=1e-6)
+    assert res["AP50"] == pytest.approx(100.0, abs=1e-6)
+    assert res["AP75"] == pytest.approx(100.0, abs=1e-6)
+    assert res["skipped"] == []
+
+
+def test_filled_box_gives_the_documented_floor():
+    floor = _readme_floor()
+    res = evaluate_box_to_mask(FilledBoxEngine(), VAL_JSON, VAL_IMAGES, progress=False)
+    assert res["mIoU"] == pytest.approx(floor["mIoU"], abs=0.01)
+    assert res["AP"] == pytest.approx(floor["AP"], abs=0.5)
+    assert res["AP50"] == pytest.approx(floor["AP50"], abs=1.0)
+    assert res["ms_per_box"] > 0 and res["ms_per_image"] >= res["ms_per_box"]
+
+
+def test_ellipse_beats_filled_box_and_max_images_limits(coco):
+    box = evaluate_box_to_mask(FilledBoxEngine(), VAL_JSON, VAL_IMAGES, max_images=10, progress=False)
+    ell = evaluate_box_to_mask(EllipseEngine(), VAL_JSON, VAL_IMAGES, max_images=10, progress=False)
+    first10 = sorted(coco.getImgIds())[:10]
+    assert box["n_images"] == 10
+    assert box["n_boxes"] == len(coco.getAnnIds(imgIds=first10, iscrowd=False))
+    assert ell["mIoU"] > box["mIoU"]
+
+
+def test_engine_with_wrong_output_shape_is_reported():
+    class Broken(BoxToMask):
+        def predict(self, image, boxes, labels):
+            return np.zeros((len(boxes), 2, 2), np.float32), np.ones(len(boxes), np.float32)
+
+    with pytest.raises(BoxToMaskError, match="engine returned masks"):
+        evaluate_box_to_mask(Broken(), VAL_JSON, VAL_IMAGES, max_images=1, progress=False)
+
+
+def test_mask_iou_and_rasterisers_on_synthetic_masks():
+    a = box_mask((10, 10), np.array([0, 0, 4, 10]))
+    b = box_mask((10, 10), np.array([2, 0, 6, 10]))
+    assert a.sum() == 40 and mask_iou(a, b) == pytest.approx(20 / 60)
+    assert mask_iou(np.zeros((3, 3)), np.zeros((3, 3))) == 1.0
+    sub = box_mask((10, 10), np.array([3.2, 3.2, 3.6, 3.7]))  # sub-pixel box covers one pixel
+    assert sub.sum() == 1 and sub[3, 3]
+    e = ellipse_mask((100, 100), np.array([0, 0, 100, 100]))
+    assert abs(e.sum() - np.pi * 50 ** 2) < 100 and not e[0, 0]
+    assert ellipse_mask((10, 10), np.array([3.2, 3.2, 3.6, 3.7])).sum() == 1
+
+
+def test_record_results_merges_rows_and_renders_markdown(tmp_path: Path):
+    js, md = tmp_path / "b.json", tmp_path / "b.md"
+    js.write_text(json.dumps({"_notes": "keep me", "coco-mini-val2017": {
+        "box": {"mIoU": 0.5, "AP": 20.0, "command": "old", "machine": "m"}}}))
+    record_results("coco-mini-val2017", "grabcut", {"mIoU": 0.71234567, "AP": 45.0, "ms_per_box": float("nan")},
+                   "python -m sim_model.benchmark --engines grabcut", machine="test box", json_path=js, md_path=md)
+    record_results("coco-mini-val2017", "sim_full", {"mIoU": 0.8, "AP": 50.0, "train_step_s": 1.25},
+                   "python -m training.evaluate", machine="gpu", json_path=js, md_path=md)
+    data = json.loads(js.read_text())
+    rows = data["coco-mini-val2017"]
+    assert set(rows) == {"box", "grabcut", "sim_full"}
+    assert rows["grabcut"]["mIoU"] == 0.7123 and rows["grabcut"]["ms_per_box"] is None
+    assert rows["grabcut"]["command"] == "python -m sim_model.benchmark --engines grabcut"
+    assert data["_notes"] == "keep me"
+    text = md.read_text()
+    assert text == render_markdown(data)
+    assert "python -m training.evaluate" in text and "train_step_s=1.25" in text and "keep me" in text
+    assert "| `grabcut` | 0.712 |" in text and "percent (0–100)" in text
+    assert not os.path.exists(str(js) + ".tmp")
