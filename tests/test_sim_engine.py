@@ -1,7 +1,8 @@
-"""SIMBoxToMask: a real (randomly initialised, tiny test resolution) CondInst model version on a real
-coco-mini image — loading, shapes, ranges, box restriction, rectification, the unknown-label fallback,
+"""SIMBoxToMask: a real model version (one SIM training iteration, CPU config, small test resolution)
+on a real coco-mini image — loading, shapes, ranges, box restriction, rectification, the unknown-label fallback,
 one network pass per image, and clear errors for broken version directories."""
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -15,20 +16,7 @@ from sim_model.engines.shape_prior import box_mask
 from sim_model.engines.sim import ModelVersionError, SIMBoxToMask
 
 COCO = Path("/work/shared/data/coco-mini/val2017")
-LABELS = ["person", "dog", "kite"]
-
-
-def _cfg():
-    from sim_model.config import get_sim_cfg
-
-    cfg = get_sim_cfg()
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.EFFICIENTNET_LITE.PRETRAINED = False  # random init: a plumbing test
-    cfg.MODEL.FCOS.NUM_CLASSES = len(LABELS)
-    cfg.MODEL.SIM.ENABLED = True
-    cfg.INPUT.MIN_SIZE_TEST = 192
-    cfg.INPUT.MAX_SIZE_TEST = 320
-    return cfg
+TRAIN_JSON = Path("/work/shared/data/coco-mini/train2017/annotations/instances_train2017.json")
 
 
 def _image():
@@ -44,24 +32,24 @@ def _image():
 
 @pytest.fixture(scope="module")
 def version_dir(tmp_path_factory):
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
+    """A model version from one real SIM training iteration (CPU config, coco-mini train2017, warm-up 0,
+    so the checkpoint holds the teacher and prototypes), laid out like training.registry's versions."""
+    from training.train import build_config, register_builtin_datasets, train
 
-    import sim_model.modeling  # noqa: F401
-
-    torch.manual_seed(0)
-    cfg = _cfg()
-    model = build_model(cfg).eval()
-    # give class 0 ("person") prototypes from this image's features; "dog" and "kite" stay uninitialised
-    img, _ = _image()
-    feats = model.image_features(torch.as_tensor(img[:200, :300].transpose(2, 0, 1).copy()).float())
-    z = F.normalize(feats.mask_features, dim=0).flatten(1).t()
-    model.prototypes.update(z, 0, epsilon=0.05, n_iters=3)
+    register_builtin_datasets()
+    run = tmp_path_factory.mktemp("run")
+    cfg = build_config("configs/SIM_EffLite0_FPN_cpu.yaml", [
+        "OUTPUT_DIR", str(run), "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "1", "SOLVER.IMS_PER_BATCH", "1",
+        "MODEL.SIM.WARMUP_ITERS", "0", "MODEL.SIM.PROTOTYPES.INPUT_THRESH", "0.0",
+        "INPUT.MIN_SIZE_TRAIN", "(256,)", "INPUT.MAX_SIZE_TRAIN", "400", "INPUT.MIN_SIZE_TEST", "256",
+        "INPUT.MAX_SIZE_TEST", "400", "DATALOADER.NUM_WORKERS", "0", "MODEL.FCOS.NUM_CLASSES", "80"])
+    result = train(cfg)
     vdir = tmp_path_factory.mktemp("models") / "7" / "v0001"
     vdir.mkdir(parents=True)
-    DetectionCheckpointer(model, save_dir=str(vdir)).save("model")
-    (vdir / "config.yaml").write_text(cfg.dump())
-    (vdir / "classes.json").write_text(json.dumps({"labels": LABELS}))
+    shutil.copyfile(result["final_checkpoint"], vdir / "model.pth")
+    shutil.copyfile(run / "config.yaml", vdir / "config.yaml")
+    cats = sorted(json.loads(TRAIN_JSON.read_text())["categories"], key=lambda c: c["id"])
+    (vdir / "classes.json").write_text(json.dumps({"labels": [c["name"] for c in cats]}))
     return vdir
 
 
@@ -70,27 +58,38 @@ def engine(version_dir):
     return SIMBoxToMask.from_version_dir(version_dir)
 
 
+def _labels(engine):
+    """(a label with prototypes, a known label without prototypes)."""
+    init = engine.model.prototypes.initialized.tolist()
+    assert any(init) and not all(init)
+    return engine.class_names[init.index(True)], engine.class_names[init.index(False)]
+
+
 def test_from_version_dir_restores_the_model(engine, version_dir):
     assert engine.model_version == "sim-v0001"
-    assert engine.class_names == LABELS
+    assert len(engine.class_names) == 80 and engine.class_names[0] == "person"
     state = torch.load(version_dir / "model.pth", map_location="cpu", weights_only=False)["model"]
     assert torch.equal(engine.model.prototypes.prototypes, state["prototypes.prototypes"])
-    assert engine.model.prototypes.initialized.tolist() == [True, False, False]
-    k = next(k for k in state if k.startswith("net.") and state[k].dtype.is_floating_point and state[k].dim() == 4)
-    assert torch.equal(engine.model.state_dict()[k], state[k])
+    assert torch.equal(engine.model.prototypes.initialized, state["prototypes.initialized"])
+    assert engine.model.teacher is not None  # the teacher makes the pseudo masks, as in training
+    for prefix in ("net.", "teacher.model."):
+        k = next(k for k in state if k.startswith(prefix) and state[k].dtype.is_floating_point and state[k].dim() == 4)
+        assert torch.equal(engine.model.state_dict()[k], state[k])
     assert (engine.mu, engine.alpha, engine.tau, engine.tau_low, engine.tau_high) == (5.0, 0.5, 1.0, 0.3, 0.7)
+    assert list(engine.resize.short_edge_length) == [256, 256]  # INPUT.MIN_SIZE_TEST from config.yaml
     assert not engine.model.training
 
 
 def test_predict_masks_scores_and_fallbacks(engine, monkeypatch):
     img, boxes = _image()
     h, w = img.shape[:2]
+    with_protos, without_protos = _labels(engine)
     calls = []
     real = engine.model.image_features
     monkeypatch.setattr(engine.model, "image_features", lambda *a, **k: calls.append(1) or real(*a, **k))
     engine._cache.clear()
-    boxes4 = np.concatenate([boxes, boxes])
-    labels = ["person", "person", "not-a-class", "dog"]  # known+initialised, unknown, known without prototypes
+    # known label with prototypes (twice), an unknown label, a known label without prototypes
+    labels = [with_protos, with_protos, "not-a-class", without_protos]
     masks, scores = engine.predict(img, np.concatenate([boxes[:1], boxes[:1], boxes[:1], boxes[1:]]), labels)
     assert len(calls) == 1  # one network pass for all boxes of the image
     assert masks.shape == (4, h, w) and masks.dtype == np.float32
@@ -103,14 +102,15 @@ def test_predict_masks_scores_and_fallbacks(engine, monkeypatch):
 
     # unknown label -> M_I alone; the known class without prototypes gives M_I alone too
     m_i = masks[2]
-    masks_dog, _ = engine.predict(img, boxes[:1], ["dog"])
-    np.testing.assert_allclose(masks_dog[0], m_i, atol=1e-6)
-    # the initialised class is rectified: M̂ = (1 - α) M_S + α M_I, with M_S from the prototypes (Eq. 1, 7)
-    assert np.abs(masks[0] - m_i).max() > 1e-3
+    masks_np, _ = engine.predict(img, boxes[:1], [without_protos])
+    np.testing.assert_allclose(masks_np[0], m_i, atol=1e-6)
     assert len(calls) == 1  # the later boxes on the same image reused the cached network pass
+    # the class with prototypes is rectified: M̂ = (1 - α) M_S + α M_I, M_S from its prototypes (Eq. 1, 7)
+    assert np.abs(masks[0] - m_i).max() > 1e-3
     _, feats = engine.image_features(img)
+    assert feats.net is engine.model.teacher.model
     z = F.normalize(feats.mask_features, dim=0)
-    m_s, valid = engine.model.prototypes.semantic_map(z, [0], tau=1.0)
+    m_s, valid = engine.model.prototypes.semantic_map(z, [engine.class_names.index(with_protos)], tau=1.0)
     assert valid.tolist() == [True]
     m_s_img = feats.to_image(m_s, (h, w))[0].numpy()
     inside = box_mask((h, w), boxes[0])
@@ -122,18 +122,18 @@ def test_predict_masks_scores_and_fallbacks(engine, monkeypatch):
         assert s == pytest.approx(float(m[fg].mean()) if fg.any() else 0.0, abs=1e-5)
 
     # boxes are independent: predicting one alone gives the same mask as in the batch
-    alone, alone_s = engine.predict(img, boxes[1:], ["dog"])
+    alone, alone_s = engine.predict(img, boxes[1:], [without_protos])
     np.testing.assert_allclose(alone[0], masks[3], atol=1e-6)
     assert alone_s[0] == pytest.approx(scores[3], abs=1e-6)
     # without the cache: same result, one network pass per call; another image is a cache miss
     engine.feature_cache_size = 0
     try:
-        again, _ = engine.predict(img, boxes[1:], ["dog"])
+        again, _ = engine.predict(img, boxes[1:], [without_protos])
     finally:
         engine.feature_cache_size = 4
     np.testing.assert_allclose(again[0], masks[3], atol=1e-6)
     assert len(calls) == 2
-    engine.predict(np.ascontiguousarray(img[::-1]), boxes[1:], ["dog"])
+    engine.predict(np.ascontiguousarray(img[::-1]), boxes[1:], [without_protos])
     assert len(calls) == 3
 
 
@@ -174,8 +174,8 @@ def test_from_version_dir_errors(version_dir, tmp_path):
     with pytest.raises(ModelVersionError, match="classes.json"):
         SIMBoxToMask.from_version_dir(d)
     d = _copy_version(version_dir, tmp_path / "classes2")
-    (d / "classes.json").write_text(json.dumps({"labels": ["a", "b", "c", "d"]}))
-    with pytest.raises(ModelVersionError, match="4 class names but the model has 3"):
+    (d / "classes.json").write_text(json.dumps({"labels": [f"c{i}" for i in range(81)]}))
+    with pytest.raises(ModelVersionError, match="81 class names but the model has 80"):
         SIMBoxToMask.from_version_dir(d)
     d = _copy_version(version_dir, tmp_path / "config")
     (d / "config.yaml").write_text("MODEL:\n  NOT_A_KEY: 1\n")
