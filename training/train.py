@@ -124,6 +124,17 @@ class Trainer(DefaultTrainer):
         if bank is not None:
             self.checkpointer.add_checkpointable("memory_bank", bank)
 
+    def state_dict(self):
+        """Trainer state for checkpoints, with the optimizer (detectron2 0.6's ``DefaultTrainer`` omits it)."""
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+
     @classmethod
     def build_train_loader(cls, cfg):
         return build_detection_train_loader(cfg, mapper=BoxOnlyDatasetMapper(cfg, is_train=True))

@@ -308,9 +308,23 @@ class CondInst(nn.Module):
         return self.net.backbone
 
     def _build_teacher_before_load(self, state_dict, prefix, *args):
-        """Load pre-hook: a checkpoint holding ``teacher.*`` gets a teacher to load into."""
-        if self.teacher is None and any(k.startswith(prefix + "teacher.") for k in state_dict):
+        """Load pre-hook: a checkpoint holding ``teacher.*`` gets a teacher to load into.
+
+        Teacher tensors whose shape differs from this model's (e.g. a checkpoint trained with another
+        number of classes) are dropped with a warning instead of failing the load, like detectron2
+        does for the student's tensors.
+        """
+        keys = [k for k in state_dict if k.startswith(prefix + "teacher.")]
+        if not keys:
+            return
+        if self.teacher is None:
             self._init_teacher()
+        own = self.teacher.state_dict(prefix=prefix + "teacher.")
+        for k in keys:
+            if k in own and tuple(own[k].shape) != tuple(state_dict[k].shape):
+                logger.warning("Skip loading %s: shape %s in the checkpoint, %s in the model", k,
+                               tuple(state_dict[k].shape), tuple(own[k].shape))
+                del state_dict[k]
 
     def _init_teacher(self):
         from sim_model.sim.teacher import MomentumTeacher
