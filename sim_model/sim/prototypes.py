@@ -169,10 +169,9 @@ class ClassPrototypes(nn.Module):
         similarities, the plan is made hard (argmax per pixel; official code), the per-sub-centre
         centroid ``p^c_n,l`` is the mean of its pixels (Eq. 5), and ``p^c_l ← γ p^c_l + (1 − γ) p^c_n,l``
         (Eq. 4), re-normalised to unit length. Sub-centres that receive no pixel are unchanged. The
-        first update of a class copies the centroids (γ = 0 once), see the class docstring. (The
-        official code, after ProtoSeg, L2-normalises the centroid before the EMA and draws the hard
-        assignment with a Gumbel-softmax; here Eq. 5's plain mean and the argmax are used — with the
-        re-normalisation after the EMA the two differ only in the effective step size.)
+        first update of a class copies the centroids (γ = 0 once), see the class docstring. (ProtoSeg's
+        implementation L2-normalises the centroid before the EMA; here Eq. 5's plain mean is used —
+        with the re-normalisation after the EMA the two differ only in the effective step size.)
 
         Args:
             z_pixels: (P, D) float L2-normalised features of the class's pixels in one image (the
