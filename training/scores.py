@@ -21,7 +21,8 @@ prints the N worst boxes of the version (default: the current one), writes all i
 Studio as **predictions** (never annotations): polygonlabels regions encoded by
 :func:`sim_backend.regions.polygon_regions`, each region's ``score`` = its box's S_k, the task's
 ``score`` = the lowest S_k of the task (the worst mask decides where a task sorts), ``model_version``
-= the backend's name of the version (``sim-v0003``). Older predictions of the same model_version on
+= the backend's name of the version (``sim-v0003``). A task whose masks are all empty gets a prediction without
+regions, still scored, so it sorts among the worst. Older predictions of the same model_version on
 the task are deleted first, so pushing twice does not duplicate. Sorting the Data Manager's
 "Prediction score" column ascending then lists the tasks with the worst masks first.
 
@@ -265,8 +266,9 @@ def push_predictions(engine, export, version: str, client, db: ScoreDB | None = 
                 rows.append({"task": task.task_id, "region": r.region_id, "version": version, "label": r.label,
                              "score": float(sk), "x0": float(r.box[0]), "y0": float(r.box[1]),
                              "x1": float(r.box[2]), "y1": float(r.box[3]), "image": task.image_url})
-            if not result:
+            if not len(scores):
                 continue
+            # a task whose masks are all empty still gets its (low) score: it sorts first for review
             for p in client.predictions.list(task=task.task_id):
                 if getattr(p, "model_version", None) == mv:
                     client.predictions.delete(id=p.id)
