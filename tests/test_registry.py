@@ -161,3 +161,21 @@ def test_class_map_is_stable_and_grows(tmp_path):
     assert reg.update_class_map(4, ["ant"]) == ["cat", "dog", "ant", "zebra"]
     assert ModelRegistry(tmp_path).load_class_map(4) == ["cat", "dog", "ant", "zebra"]  # persisted
     assert json.loads(reg.class_map_path(4).read_text())["labels"][3] == "zebra"
+
+
+def test_cli_lists_versions_and_rolls_back(tmp_path, capsys):
+    from training.registry import main
+
+    reg = ModelRegistry(tmp_path)
+    v1 = _write_version(reg, 6, {"val": {"mIoU": 0.71, "AP": 40.0, "n_masks": 5}})
+    reg.publish(6, v1, reg.read_metrics(6, v1), 0.02)
+    v2 = _write_version(reg, 6, {"val": {"mIoU": 0.5, "n_masks": 5}})
+    reg.publish(6, v2, reg.read_metrics(6, v2), 0.02)  # refused
+    assert main(["--project", "6", "--model-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].startswith("* v0001") and "0.7100" in out[2] and "40.0" in out[2]
+    assert out[3].startswith("  v0002") and "kept, not served" in out[3]
+    assert main(["--project", "6", "--model-dir", str(tmp_path), "--set-current", "v0002"]) == 0
+    assert reg.current_version(6) == "v0002"
+    assert main(["--project", "6", "--model-dir", str(tmp_path), "--set-current", "v0009"]) == 3
+    assert reg.current_version(6) == "v0002"

@@ -35,6 +35,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -363,3 +364,47 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def _format_versions(project, infos: list[VersionInfo]) -> str:
+    """Table of versions: name, served mark, validation mIoU/AP, baseline mIoU, publish decision."""
+    lines = [f"project {project}: {len(infos)} version(s)",
+             f"{'':2}{'version':<8} {'val mIoU':>8} {'val AP':>7} {'served before':>13}  created / decision"]
+    for i in infos:
+        val, base, pub = i.metrics.get("val") or {}, i.metrics.get("baseline") or {}, i.metrics.get("publish") or {}
+        f = lambda d, k, fmt: (fmt % d[k]) if isinstance(d.get(k), (int, float)) else "-"  # noqa: E731
+        lines.append(f"{'*' if i.current else ' ':2}{i.name:<8} {f(val, 'mIoU', '%.4f'):>8} {f(val, 'AP', '%.1f'):>7} "
+                     f"{f(base, 'mIoU', '%.4f'):>13}  {i.metrics.get('created_at', '?')} "
+                     f"{pub.get('reason', '')}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """``python -m training.registry --project ID [--model-dir DIR] [--set-current VERSION]``.
+
+    Lists the project's versions (``*`` = served) with their validation figures and publish decisions;
+    ``--set-current`` switches ``CURRENT`` by hand (a rollback), bypassing the quality gate.
+    Exit codes: 0 done, 2 usage error, 3 unknown or incomplete version.
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m training.registry", description=main.__doc__.split("\n\n")[0])
+    p.add_argument("--project", required=True)
+    p.add_argument("--model-dir", default=os.environ.get("MODEL_DIR", "./models"))
+    p.add_argument("--set-current", metavar="VERSION", default=None,
+                   help="serve this version now (rollback), without the quality gate")
+    args = p.parse_args(argv)
+    reg = ModelRegistry(args.model_dir)
+    if args.set_current:
+        try:
+            reg.set_current(args.project, args.set_current)
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+        print(f"project {args.project}: now serving {args.set_current}")
+    print(_format_versions(args.project, reg.list_versions(args.project)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
