@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     python -m sim_model.benchmark [--engines box,grabcut] [--split val2017] [--max-images N]
-                                  [--data-dir DIR] [--no-write]
+                                  [--data-dir DIR] [--options JSON] [--no-write]
 
 Every non-crowd ground-truth box of the split goes through each engine
 (:func:`sim_model.evaluation.evaluate_box_to_mask`); the figures are printed as a table and MERGED into
@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="val2017", help="coco-mini split (val2017 or train2017)")
     p.add_argument("--max-images", type=int, default=None, help="first N images only (by image id)")
     p.add_argument("--data-dir", default=None, help="coco-mini root (default: $SIM_DATA_DIR, ../shared/data/coco-mini)")
+    p.add_argument("--options", default=None,
+                   help='JSON keyword arguments for the engines\' constructors, e.g. \'{"short_side": 160}\'; '
+                        'rows are then named "<engine>+key=value,..." so the shipped rows stay')
     p.add_argument("--no-write", action="store_true", help="print only; do not touch docs/benchmarks.*")
     p.add_argument("--quiet", action="store_true", help="no per-image progress")
     args = p.parse_args(argv)
@@ -234,22 +237,25 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m sim_model.benchmark " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:]))
 
+    options = json.loads(args.options) if args.options else {}
+    suffix = ("+" + ",".join(f"{k}={v}" for k, v in options.items())) if options else ""
     results = {}
     for name in names:
-        engine = factories[name]()
+        engine = factories[name](**options)
         load_before = machine_description()
         res = evaluate_box_to_mask(engine, ann, img_dir, max_images=args.max_images, progress=not args.quiet)
         fig = {k: res[k] for k in FIGURE_KEYS if k in res}
         config = {k: v for k, v in vars(engine).items() if not k.startswith("_")}
         if config:
             fig["config"] = config
-        results[name] = fig
+        results[name + suffix] = fig
         if not args.no_write:
-            record_results(dataset, name, fig, command.strip(), machine=load_before)
+            record_results(dataset, name + suffix, fig, command.strip(), machine=load_before)
     print(f"\n{dataset}: {len(names)} engine(s), {next(iter(results.values()))['n_boxes']} boxes")
-    print(f"{'method':<10}" + "".join(f"{h:>10}" for _, h, _ in COLUMNS))
+    width = max(10, *(len(n) + 2 for n in results))
+    print(f"{'method':<{width}}" + "".join(f"{h:>10}" for _, h, _ in COLUMNS))
     for name, fig in results.items():
-        print(f"{name:<10}" + "".join(f"{_fmt(fig.get(k), f):>10}" for k, _, f in COLUMNS))
+        print(f"{name:<{width}}" + "".join(f"{_fmt(fig.get(k), f):>10}" for k, _, f in COLUMNS))
     if not args.no_write:
         print(f"\nwrote {DOCS_JSON.relative_to(REPO_ROOT)} and {DOCS_MD.relative_to(REPO_ROOT)}")
     return 0
