@@ -98,7 +98,7 @@ def coco_segm_ap(coco_gt: COCO, detections: list[dict], image_ids: list[int]) ->
 
 def evaluate_box_to_mask(engine: BoxToMask, coco_json: str | os.PathLike, image_dir: str | os.PathLike, *,
                          max_images: int | None = None, progress: bool = True,
-                         mask_threshold: float = 0.5) -> dict[str, Any]:
+                         mask_threshold: float = 0.5, missing_images: str = "raise") -> dict[str, Any]:
     """Evaluate a box→mask engine on the ground-truth boxes of a COCO instances dataset.
 
     Args:
@@ -108,20 +108,26 @@ def evaluate_box_to_mask(engine: BoxToMask, coco_json: str | os.PathLike, image_
         max_images: evaluate only the first N images (sorted by image id); None = all.
         progress: print one line per image to stderr.
         mask_threshold: a predicted mask probability >= this is foreground (mIoU and AP).
+        missing_images: "raise" (default) or "skip": a missing or unreadable image is then left out of
+            every figure (its boxes are not counted, COCOeval ignores it) and listed in ``skipped_images``.
 
     Returns:
         dict with the figures described in the module docstring (``mIoU``, ``mIoU_small``,
         ``mIoU_medium``, ``mIoU_large``, ``AP``, ``AP50``, ``AP75``, ``AP_small``, ``AP_medium``,
         ``AP_large``, ``ms_per_box``, ``ms_per_image``), plus ``n_images``, ``n_boxes``,
         ``n_small`` / ``n_medium`` / ``n_large``, ``model_version``, ``skipped`` (list of
-        {ann_id, reason}) and ``per_box`` (list of {ann_id, image_id, category, size, iou, score}).
+        {ann_id, reason}), ``skipped_images`` (list of {image_id, reason}) and ``per_box`` (list of
+        {ann_id, image_id, category, size, iou, score}).
 
     Raises:
-        FileNotFoundError: the JSON or an image is missing.
+        FileNotFoundError: the JSON is missing, or an image is and ``missing_images="raise"``.
+        ValueError: an unknown ``missing_images``.
         BoxToMaskError: the engine returned masks or scores of the wrong shape.
     """
     import cv2  # local: keeps this module importable for json/figure helpers without OpenCV
 
+    if missing_images not in ("raise", "skip"):
+        raise ValueError(f"missing_images must be 'raise' or 'skip', got {missing_images!r}")
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(coco_json))
     cat_names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
@@ -129,14 +135,18 @@ def evaluate_box_to_mask(engine: BoxToMask, coco_json: str | os.PathLike, image_
     if max_images is not None:
         image_ids = image_ids[:max_images]
 
-    per_box, detections, skipped = [], [], []
+    per_box, detections, skipped, skipped_images, evaluated = [], [], [], [], []
     image_ms, box_ms = [], []
     for n, img_id in enumerate(image_ids):
         info = coco.loadImgs(img_id)[0]
         path = os.path.join(str(image_dir), info["file_name"])
         bgr = cv2.imread(path, cv2.IMREAD_COLOR)
         if bgr is None:
-            raise FileNotFoundError(f"cannot read image {path}")
+            if missing_images == "raise":
+                raise FileNotFoundError(f"cannot read image {path}")
+            skipped_images.append({"image_id": img_id, "reason": f"cannot read image {path}"})
+            continue
+        evaluated.append(img_id)
         image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         hw = image.shape[:2]
         anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=img_id)) if not a.get("iscrowd", 0)]
@@ -183,12 +193,13 @@ def evaluate_box_to_mask(engine: BoxToMask, coco_json: str | os.PathLike, image_
         sel = np.array([p["iou"] for p in per_box if p["size"] == size])
         out[f"mIoU_{size}"] = float(sel.mean()) if len(sel) else float("nan")
         out[f"n_{size}"] = int(len(sel))
-    out.update(coco_segm_ap(coco, detections, image_ids))
+    out.update(coco_segm_ap(coco, detections, evaluated))
     out["ms_per_box"] = float(np.median(box_ms)) if box_ms else float("nan")
     out["ms_per_image"] = float(np.median(image_ms)) if image_ms else float("nan")
     out["n_images"] = len(image_ms)
     out["n_boxes"] = len(per_box)
     out["skipped"] = skipped
+    out["skipped_images"] = skipped_images
     out["per_box"] = per_box
     return out
 

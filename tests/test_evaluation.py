@@ -92,6 +92,21 @@ def test_engine_with_wrong_output_shape_is_reported():
         evaluate_box_to_mask(Broken(), VAL_JSON, VAL_IMAGES, max_images=1, progress=False)
 
 
+def test_missing_image_raises_or_is_skipped(coco, tmp_path: Path):
+    first3 = sorted(coco.getImgIds())[:3]
+    for info in coco.loadImgs(first3[:2]):  # the third image is missing from the folder
+        (tmp_path / info["file_name"]).symlink_to(VAL_IMAGES / info["file_name"])
+    with pytest.raises(FileNotFoundError, match="cannot read image"):
+        evaluate_box_to_mask(FilledBoxEngine(), VAL_JSON, tmp_path, max_images=3, progress=False)
+    res = evaluate_box_to_mask(FilledBoxEngine(), VAL_JSON, tmp_path, max_images=3, progress=False,
+                               missing_images="skip")
+    assert [s["image_id"] for s in res["skipped_images"]] == [first3[2]]
+    assert res["n_images"] == 2
+    assert res["n_boxes"] == len(coco.getAnnIds(imgIds=first3[:2], iscrowd=False))
+    two = evaluate_box_to_mask(FilledBoxEngine(), VAL_JSON, VAL_IMAGES, max_images=2, progress=False)
+    assert res["mIoU"] == pytest.approx(two["mIoU"]) and res["AP"] == pytest.approx(two["AP"])
+
+
 def test_mask_iou_and_rasterisers_on_synthetic_masks():
     a = box_mask((10, 10), np.array([0, 0, 4, 10]))
     b = box_mask((10, 10), np.array([2, 0, 6, 10]))
