@@ -205,7 +205,7 @@ def train(cfg: CfgNode, resume: bool = False) -> dict:
         pass
     final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     result = {"metrics": _plain(metrics), "final_checkpoint": final, "output_dir": cfg.OUTPUT_DIR,
-              "iterations": int(trainer.iter) + 1, "seconds": time.time() - t0, "last_losses": last_losses}
+              "iterations": int(trainer.iter), "seconds": time.time() - t0, "last_losses": last_losses}
     if comm.is_main_process():
         with open(os.path.join(cfg.OUTPUT_DIR, "train_result.json"), "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)

@@ -76,12 +76,14 @@ def unfold_wo_center(x: torch.Tensor, kernel_size: int, dilation: int) -> torch.
         raise ValueError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
     if kernel_size % 2 != 1:
         raise ValueError(f"kernel_size must be odd, got {kernel_size}")
-    padding = (kernel_size + (dilation - 1) * (kernel_size - 1)) // 2
+    r = kernel_size // 2
+    pad = r * dilation
     n, c, h, w = x.shape
-    unfolded = F.unfold(x, kernel_size=kernel_size, padding=padding, dilation=dilation)
-    unfolded = unfolded.reshape(n, c, kernel_size * kernel_size, h, w)
-    centre = kernel_size * kernel_size // 2
-    return torch.cat([unfolded[:, :, :centre], unfolded[:, :, centre + 1:]], dim=2)
+    xp = F.pad(x, (pad, pad, pad, pad))
+    # shifted views instead of F.unfold's im2col (same values, several times faster on a CPU)
+    views = [xp[:, :, pad + dy * dilation: pad + dy * dilation + h, pad + dx * dilation: pad + dx * dilation + w]
+             for dy in range(-r, r + 1) for dx in range(-r, r + 1) if (dy, dx) != (0, 0)]
+    return torch.stack(views, dim=2)
 
 
 def color_similarity(images_lab: torch.Tensor, valid: torch.Tensor, kernel_size: int, dilation: int,

@@ -119,14 +119,15 @@ class DynamicMaskHead(nn.Module):
         self.num_params = sum(self.weight_nums) + sum(self.bias_nums)
 
     def _parse_params(self, params: torch.Tensor):
+        """(P, num_params) -> per layer weights (P, C_out, C_in) and biases (P, C_out, 1)."""
         n = params.shape[0]
         splits = torch.split(params, self.weight_nums + self.bias_nums, dim=1)
         ws, bs = splits[: self.num_layers], splits[self.num_layers:]
         weights, biases = [], []
         for layer in range(self.num_layers):
             cout = 1 if layer == self.num_layers - 1 else self.channels
-            weights.append(ws[layer].reshape(n * cout, -1, 1, 1))
-            biases.append(bs[layer].reshape(n * cout))
+            weights.append(ws[layer].reshape(n, cout, -1))
+            biases.append(bs[layer].reshape(n, cout, 1))
         return weights, biases
 
     def forward(self, mask_feats: torch.Tensor, params: torch.Tensor, im_inds: torch.Tensor,
@@ -154,10 +155,11 @@ class DynamicMaskHead(nn.Module):
             rel = (locations.reshape(-1, 1, 2) - grid.reshape(1, -1, 2)).permute(0, 2, 1)
             rel = rel / self.sizes_of_interest[levels].reshape(-1, 1, 1)
             x = torch.cat([rel.to(x.dtype), x], dim=1)
-        x = x.reshape(1, -1, h, w)
+        # The per-instance 1x1 convs as batched matrix products (same result as CondInst's grouped
+        # conv with groups = P, much faster on a CPU).
         weights, biases = self._parse_params(params)
         for layer, (wt, b) in enumerate(zip(weights, biases)):
-            x = F.conv2d(x, wt, bias=b, groups=n_inst)
+            x = torch.baddbmm(b, wt, x)  # (P, C_out, HW)
             if layer < self.num_layers - 1:
                 x = F.relu(x)
         logits = x.reshape(n_inst, 1, h, w)
