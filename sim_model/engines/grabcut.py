@@ -74,7 +74,7 @@ class GrabCutBoxToMask(BoxToMask):
                  max_side: int = 320, iterations: int = 1, init: str = "rect", prior_scale: float = 1.0,
                  smooth_sigma: float = 0.0, min_fill: float = 0.25, fallback_score_factor: float = 0.5,
                  mask_threshold: float = 0.5, prior_weight: float = 0.0, core_scale: float = 0.0,
-                 seed: int = 0, upscale_interpolation: str = 'linear'):
+                 seed: int = 0):
         if init not in ("mask", "rect"):
             raise ValueError(f"init must be 'mask' or 'rect', got {init!r}")
         if iterations < 1 or short_side < 8 or max_side < short_side:
@@ -93,7 +93,6 @@ class GrabCutBoxToMask(BoxToMask):
         self.prior_weight = float(prior_weight)
         self.core_scale = float(core_scale)
         self.seed = int(seed)
-        self.upscale_interpolation = upscale_interpolation
 
     def predict(self, image: np.ndarray, boxes: np.ndarray, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """See :meth:`BoxToMask.predict`.
@@ -163,7 +162,7 @@ class GrabCutBoxToMask(BoxToMask):
         s = min(s, self.max_side / max(cx1 - cx0, cy1 - cy0))
         sw, sh = max(int(round((cx1 - cx0) * s)), 1), max(int(round((cy1 - cy0) * s)), 1)
         sx, sy = sw / (cx1 - cx0), sh / (cy1 - cy0)
-        interp = cv2.INTER_AREA if s < 1 else {'linear': cv2.INTER_LINEAR, 'nearest': cv2.INTER_NEAREST, 'cubic': cv2.INTER_CUBIC}[self.upscale_interpolation]
+        interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
         work = cv2.resize(crop, (sw, sh), interpolation=interp)
         # box in working coordinates (pixel-covering, like box_pixel_bounds)
         bx = (x0 - cx0) * sx, (y0 - cy0) * sy, (x1 - cx0) * sx, (y1 - cy0) * sy
