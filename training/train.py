@@ -4,7 +4,8 @@ Command line::
 
     python -m training.train --config configs/SIM_EffLite0_FPN_cpu.yaml \\
         [--train-json J --train-images D] [--val-json J --val-images D] \\
-        [--num-gpus N] [--num-machines M --machine-rank R --dist-url URL] [--resume] [KEY VALUE ...]
+        [--num-gpus N] [--num-machines M --machine-rank R --dist-url URL] [--resume] [--threads T] \\
+        [KEY VALUE ...]
 
 Multi-GPU / multi-machine runs go through detectron2's ``launch`` (DDP). Progress lines (iteration,
 losses, ETA) go to the log, metrics to ``OUTPUT_DIR/metrics.json`` and TensorBoard event files.
@@ -222,6 +223,8 @@ def _plain(o):
 
 
 def _main(args) -> dict:
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
     cfg = build_config(args.config_file, args.opts, train_json=args.train_json, train_images=args.train_images,
                        val_json=args.val_json, val_images=args.val_images)
     default_setup(cfg, args)
@@ -242,6 +245,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--train-images", help="image folder of the training set")
     parser.add_argument("--val-json", help="COCO-format json of the evaluation set (with masks)")
     parser.add_argument("--val-images", help="image folder of the evaluation set")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads per process (0 = torch's default). On a shared CPU use 1: "
+                             "with 2 threads OpenMP spins while the other core is busy (a step was ~8x slower)")
     args = parser.parse_args(argv)
     if not args.config_file:
         parser.error("--config is required")

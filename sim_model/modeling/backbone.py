@@ -131,6 +131,8 @@ class EfficientNetLite(Backbone):
         self.blocks = self.blocks[: self._last_block + 1]
         if freeze_bn:
             FrozenBatchNorm2d.convert_frozen_batchnorm(self)
+        #: blocks (after the stem) that are frozen; 0 with freeze_at = 0
+        self.num_frozen_blocks = 0
         if freeze_at > 0:
             for p in self.stem.parameters():
                 p.requires_grad_(False)
@@ -139,19 +141,41 @@ class EfficientNetLite(Backbone):
             for block in self.blocks[: last + 1]:
                 for p in block.parameters():
                     p.requires_grad_(False)
+            self.num_frozen_blocks = last + 1
+        # Trunk sharing (see :meth:`forward`): the frozen stem and blocks are not trained, so a copy of
+        # this backbone (the SIM momentum teacher) computes the same trunk and can reuse it.
+        self.record_trunk = False
+        self.last_trunk = None
+        self.trunk_input = None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """x: (N, 3, H, W) normalised images -> {resN: (N, C_N, H/2^N, W/2^N)}."""
+        """x: (N, 3, H, W) normalised images -> {resN: (N, C_N, H/2^N, W/2^N)}.
+
+        Trunk sharing: with ``record_trunk`` set, the output of the frozen stem + blocks (and the
+        features among them) is kept in ``last_trunk``; with ``trunk_input`` set to such a record, the
+        frozen part is skipped and the pass starts from it (``x`` is then only used for its shape).
+        Frozen blocks never use drop-connect, so the trunk is the same in train and eval mode.
+        """
         out = {}
-        x = self.stem(x)
         ends = {v: k for k, v in self._stage_end.items()}
         n = len(self.blocks)
-        for idx, block in enumerate(self.blocks):
-            rate = self.drop_connect_rate * float(idx) / n if self.training else 0.0
+        start = 0
+        if self.trunk_input is not None and self.num_frozen_blocks > 0:
+            x, kept = self.trunk_input
+            out.update(kept)
+            start = self.num_frozen_blocks
+        else:
+            x = self.stem(x)
+        for idx in range(start, n):
+            block = self.blocks[idx]
+            frozen = idx < self.num_frozen_blocks
+            rate = self.drop_connect_rate * float(idx) / n if (self.training and not frozen) else 0.0
             x = block(x, drop_connect_rate=rate)
             name = ends.get(idx)
             if name in self._out_feature_channels:
                 out[name] = x
+            if self.record_trunk and idx == self.num_frozen_blocks - 1:
+                self.last_trunk = (x.detach(), {k: v.detach() for k, v in out.items()})
         return out
 
     def output_shape(self):

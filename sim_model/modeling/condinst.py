@@ -117,10 +117,13 @@ class CondInstNet(nn.Module):
         self.in_features = list(in_features)
         self.mask_in_features = list(mask_in_features)
 
-    def forward(self, images: torch.Tensor) -> NetOutputs:
-        """images: (N, 3, H, W) normalised, padded to the size divisibility -> :class:`NetOutputs`."""
+    def forward(self, images: torch.Tensor, with_cls: bool = True) -> NetOutputs:
+        """images: (N, 3, H, W) normalised, padded to the size divisibility -> :class:`NetOutputs`.
+
+        ``with_cls=False`` skips the classification branch (used by the SIM teacher).
+        """
         features = self.backbone(images)
-        head = self.fcos([features[f] for f in self.in_features])
+        head = self.fcos([features[f] for f in self.in_features], with_cls=with_cls)
         mask_feats = self.mask_branch([features[f] for f in self.mask_in_features])
         return NetOutputs(head=head, mask_feats=mask_feats)
 
@@ -422,7 +425,18 @@ class CondInst(nn.Module):
         b = self.boxinst
         prep = prepare_boxinst_targets(rgb.tensor, images.image_sizes, boxes, self.mask_out_stride,
                                        b.kernel_size, b.dilation, b.bottom_pixels_removed, b.sigma_scale)
-        out = self.net(images.tensor)
+        bottom_up = getattr(self.net.backbone, "bottom_up", None)
+        share_trunk = sim_on and self.teacher is not None and getattr(bottom_up, "num_frozen_blocks", 0) > 0
+        if share_trunk:
+            bottom_up.record_trunk = True
+        try:
+            out = self.net(images.tensor)
+        finally:
+            if share_trunk:
+                bottom_up.record_trunk = False
+        trunk = bottom_up.last_trunk if share_trunk else None
+        if share_trunk:
+            bottom_up.last_trunk = None
         fcos = self.net.fcos
         targets = fcos.assign_targets(out.head, boxes, classes)
         losses = fcos.losses(out.head, targets)
@@ -439,7 +453,7 @@ class CondInst(nn.Module):
 
         teacher_out = None
         if sim_on:
-            teacher_out = self._teacher_outputs(images.tensor, out)
+            teacher_out = self._teacher_outputs(images.tensor, out, trunk)
         affinity = prep["color_similarity"][im_s]
         thresh = b.color_thresh
         if sim_on and s.teacher_affinity:
@@ -466,10 +480,22 @@ class CondInst(nn.Module):
         return losses
 
     @torch.no_grad()
-    def _teacher_outputs(self, images: torch.Tensor, student_out: NetOutputs) -> NetOutputs:
-        """Z′ and masks for pseudo labels: the teacher's pass, or the student's (detached) without teacher."""
+    def _teacher_outputs(self, images: torch.Tensor, student_out: NetOutputs, trunk=None) -> NetOutputs:
+        """Z′ and masks for pseudo labels: the teacher's pass, or the student's (detached) without teacher.
+
+        ``trunk``: the student's frozen-backbone output (EfficientNet-Lite with ``FREEZE_AT`` > 0). The
+        frozen stages are never trained, so the teacher's EMA copy of them equals the student's and
+        the teacher starts its pass after them.
+        """
         if self.teacher is not None:
-            return self.teacher.model(images)
+            t_bu = getattr(self.teacher.model.backbone, "bottom_up", None)
+            if trunk is not None and t_bu is not None:
+                t_bu.trunk_input = trunk
+            try:
+                return self.teacher.model(images, with_cls=False)
+            finally:
+                if t_bu is not None:
+                    t_bu.trunk_input = None
         h = student_out.head
         return NetOutputs(
             head=HeadOutputs(h.logits.detach(), h.bbox_reg.detach(), h.ctrness.detach(), h.top_feats.detach(),

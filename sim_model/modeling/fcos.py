@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from detectron2.layers import batched_nms, cat, get_norm
+from detectron2.layers import batched_nms, get_norm
 from detectron2.utils.comm import get_world_size
 from fvcore.nn import giou_loss, sigmoid_focal_loss_jit
 from torch import nn
@@ -135,14 +135,21 @@ class FCOSHead(nn.Module):
                     nn.init.constant_(m.bias, 0)
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
 
-    def forward(self, features: Sequence[torch.Tensor]):
-        """features: per level (N, Cin, H_l, W_l) -> per-level lists (logits, bbox_reg, ctrness, top_feats)."""
+    def forward(self, features: Sequence[torch.Tensor], with_cls: bool = True):
+        """features: per level (N, Cin, H_l, W_l) -> per-level lists (logits, bbox_reg, ctrness, top_feats).
+
+        ``with_cls=False`` skips the classification tower (logits are then (N, 0, H_l, W_l)); the SIM
+        teacher only needs boxes, centerness and controller outputs.
+        """
         logits, bbox_reg, ctrness, top_feats = [], [], [], []
         for lvl, feature in enumerate(features):
             feature = self.share_tower(feature)
-            cls_t = self.cls_tower(feature)
             box_t = self.bbox_tower(feature)
-            logits.append(self.cls_logits(cls_t))
+            if with_cls or not self.centerness_on_reg:
+                cls_t = self.cls_tower(feature)
+                logits.append(self.cls_logits(cls_t))
+            else:
+                logits.append(feature.new_zeros((feature.shape[0], 0) + tuple(feature.shape[2:])))
             ctrness.append(self.ctrness(box_t if self.centerness_on_reg else cls_t))
             reg = self.bbox_pred(box_t)
             if self.scales is not None:
@@ -178,9 +185,12 @@ class FCOS(nn.Module):
         self.thresh_with_ctr = thresh_with_ctr
 
     # ------------------------------------------------------------------ forward
-    def forward(self, features: Sequence[torch.Tensor]) -> HeadOutputs:
-        """features: per level (N, C, H_l, W_l), strides ``self.strides`` -> :class:`HeadOutputs`."""
-        logits, bbox_reg, ctrness, top_feats = self.head(features)
+    def forward(self, features: Sequence[torch.Tensor], with_cls: bool = True) -> HeadOutputs:
+        """features: per level (N, C, H_l, W_l), strides ``self.strides`` -> :class:`HeadOutputs`.
+
+        ``with_cls=False``: no classification branch (``logits`` has 0 classes), see :class:`FCOSHead`.
+        """
+        logits, bbox_reg, ctrness, top_feats = self.head(features, with_cls=with_cls)
         device = features[0].device
         locs, levels, strides = [], [], []
         for lvl, f in enumerate(features):
@@ -191,7 +201,8 @@ class FCOS(nn.Module):
             strides.append(torch.full((loc.shape[0],), float(self.strides[lvl]), device=device))
 
         def flat(xs):
-            return torch.cat([x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1]) for x in xs], dim=1)
+            return torch.cat([x.permute(0, 2, 3, 1).reshape(x.shape[0], x.shape[2] * x.shape[3], x.shape[1])
+                              for x in xs], dim=1)
 
         n = features[0].shape[0]
         return HeadOutputs(
