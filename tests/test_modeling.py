@@ -187,3 +187,13 @@ def test_teacher_reuses_the_frozen_trunk_exactly():
     assert torch.allclose(shared.mask_feats, full.mask_feats, atol=1e-5)
     assert torch.allclose(shared.head.top_feats, full.head.top_feats, atol=1e-5)
     assert model.teacher.model.backbone.bottom_up.trunk_input is None
+
+
+def test_teacher_feature_affinity_option():
+    cfg = _cfg("SIM_pseudo_EffLite0_FPN_cpu.yaml", "MODEL.SIM.WARMUP_ITERS", "0",
+               "MODEL.SIM.PAIRWISE.TEACHER_AFFINITY", "True", "MODEL.BOXINST.PAIRWISE.WARMUP_ITERS", "0")
+    model = _seeded_model(cfg)
+    batch = _batch(cfg)
+    model(batch)
+    losses = model(batch)
+    assert torch.isfinite(losses["loss_pairwise"]) and float(losses["loss_pairwise"]) > 0
