@@ -18,6 +18,9 @@ TINY = ["INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MAX_SIZE_TRAIN", "224", "INPUT.
         "INPUT.MAX_SIZE_TEST", "224", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
         "SOLVER.WARMUP_ITERS", "1"]
 
+# one torch thread per process: the CI box has 2 shared cores (see training.train --threads)
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
 pytestmark = pytest.mark.skipif(not os.path.isdir(COCO_MINI), reason="coco-mini data not available")
 
 
@@ -44,7 +47,7 @@ def test_train_and_evaluate_command_lines(tmp_path):
     cmd = [sys.executable, "-m", "training.train", "--config", os.path.join(REPO, "configs/SIM_EffLite0_FPN_cpu.yaml"),
            "--train-json", TRAIN_JSON, "--train-images", TRAIN_IMAGES, "--val-json", val, "--val-images", VAL_IMAGES,
            "SOLVER.MAX_ITER", "2", "MODEL.SIM.WARMUP_ITERS", "1", "OUTPUT_DIR", str(out), *TINY]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "model_final.pth").is_file() and (out / "config.yaml").is_file()
     rows = _metrics(out / "metrics.json")
@@ -59,7 +62,7 @@ def test_train_and_evaluate_command_lines(tmp_path):
     cmd = [sys.executable, "-m", "training.evaluate", "--config", str(out / "config.yaml"), "--weights",
            str(out / "model_final.pth"), "--json", val, "--images", VAL_IMAGES, "--output", str(ev_out),
            "MODEL.FCOS.INFERENCE_TH_TEST", "0.0"]  # an untrained head scores below the default 0.05
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     ev = json.loads(ev_out.read_text())
     assert 0.0 <= ev["instance_segmentation"]["segm"]["AP"] <= 100.0
