@@ -95,7 +95,7 @@ def test_short_real_training_losses_fall(tmp_path):
     sub = subset_json(TRAIN_JSON, tmp_path / "train8.json", 8)
     cfg = build_config(os.path.join(REPO, "configs/BoxInst_EffLite0_FPN_cpu.yaml"),
                        TINY + ["SOLVER.MAX_ITER", "60", "SOLVER.BASE_LR", "0.01", "SOLVER.STEPS", "(1000,)",
-                               "MODEL.BOXINST.PAIRWISE.WARMUP_ITERS", "0", "SOLVER.CHECKPOINT_PERIOD", "1000",
+                               "SOLVER.CHECKPOINT_PERIOD", "1000",
                                "OUTPUT_DIR", str(tmp_path / "run"), "DATASETS.TEST", "()", "SEED", "5"],
                        train_json=sub, train_images=TRAIN_IMAGES)
     result = train(cfg, resume=False)
