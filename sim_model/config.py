@@ -118,6 +118,8 @@ def add_sim_config(cfg: CN) -> CN:
     # ------------------------------------------------------------------ CondInst
     _c.MODEL.CONDINST = CN()
     _c.MODEL.CONDINST.MASK_OUT_STRIDE = 4
+    # Mask probability at or above which a pixel is foreground in the free-running inference.
+    _c.MODEL.CONDINST.INFERENCE_MASK_THRESH = 0.5
     # Input images are padded to a multiple of this (AdelaiDet: 32).
     _c.MODEL.CONDINST.SIZE_DIVISIBILITY = 32
     # Positives per image whose masks are trained (-1 = all); AdelaiDet's TOPK_PROPOSALS_PER_IM.

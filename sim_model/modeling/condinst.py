@@ -214,6 +214,7 @@ class CondInst(nn.Module):
     def __init__(self, *, net: CondInstNet, pixel_mean: Sequence[float], pixel_std: Sequence[float],
                  input_format: str = "RGB", size_divisibility: int = 32, mask_out_stride: int = 4,
                  topk_proposals_per_im: int = 64, max_proposals: int = -1, num_classes: int = 80,
+                 mask_threshold: float = 0.5,
                  boxinst: BoxInstSettings = BoxInstSettings(), sim: SIMSettings = SIMSettings()):
         super().__init__()
         self.net = net
@@ -226,6 +227,7 @@ class CondInst(nn.Module):
         self.topk_proposals_per_im = topk_proposals_per_im
         self.max_proposals = max_proposals
         self.num_classes = num_classes
+        self.mask_threshold = mask_threshold
         self.boxinst = boxinst
         self.sim = sim
         self.teacher = None
@@ -280,6 +282,7 @@ class CondInst(nn.Module):
             "topk_proposals_per_im": c.TOPK_PROPOSALS_PER_IM,
             "max_proposals": c.MAX_PROPOSALS,
             "num_classes": f.NUM_CLASSES,
+            "mask_threshold": c.INFERENCE_MASK_THRESH,
             "boxinst": BoxInstSettings(
                 kernel_size=b.PAIRWISE.SIZE, dilation=b.PAIRWISE.DILATION, color_thresh=b.PAIRWISE.COLOR_THRESH,
                 sigma_scale=b.PAIRWISE.COLOR_SIGMA_SCALE, warmup_iters=b.PAIRWISE.WARMUP_ITERS,
@@ -626,7 +629,7 @@ class CondInst(nn.Module):
             inst.pred_boxes = Boxes(bx)
             inst.scores = det["scores"]
             inst.pred_classes = det["classes"]
-            inst.pred_masks = probs > 0.5
+            inst.pred_masks = probs >= self.mask_threshold
             results.append({"instances": inst})
         return results
 
