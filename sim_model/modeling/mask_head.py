@@ -148,7 +148,8 @@ class DynamicMaskHead(nn.Module):
         _, d, h, w = mask_feats.shape
         factor = self.mask_feat_stride // self.mask_out_stride
         if n_inst == 0:
-            return mask_feats.new_zeros((0, 1, h * factor, w * factor)) + params.sum() * 0
+            # keep both inputs in the graph (DDP expects every parameter to get a gradient)
+            return mask_feats.new_zeros((0, 1, h * factor, w * factor)) + (params.sum() + mask_feats.sum()) * 0
         x = mask_feats[im_inds].reshape(n_inst, d, h * w)
         if not self.disable_rel_coords:
             grid = compute_locations(h, w, self.mask_feat_stride, mask_feats.device)  # (HW, 2)
