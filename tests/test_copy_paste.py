@@ -1,6 +1,5 @@
 """SIM §3.3 / Eq. 9: memory bank, importance sampling by S_k, paste geometry (occlusion updates)."""
 import json
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -8,11 +7,12 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
+from sim_model.benchmark import default_data_dir
 from sim_model.engines.shape_prior import box_mask
 from sim_model.sim.copy_paste import (MemoryBank, box_masks, copy_paste, mask_boxes, num_to_paste,
                                       paste_instances, sample_instances)
 
-COCO = Path("/work/shared/data/coco-mini/val2017")
+COCO = default_data_dir() / "val2017"
 
 
 def _crop(h, w, value, mask=None):
@@ -186,6 +186,7 @@ def _coco_image_and_masks(ann_file, index):
             torch.from_numpy(boxes), torch.tensor([a["category_id"] for a in anns]))
 
 
+@pytest.mark.skipif(not COCO.exists(), reason=f"coco-mini not found at {COCO}")
 def test_copy_paste_on_real_coco_images():
     ann_file = COCO / "annotations" / "instances_val2017.json"
     src_img, src_masks, _, src_cls = _coco_image_and_masks(ann_file, 0)

@@ -11,12 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sim_model.benchmark import default_data_dir
 from sim_model.box_to_mask import BoxToMaskError
 from sim_model.engines.shape_prior import box_mask
 from sim_model.engines.sim import ModelVersionError, SIMBoxToMask
 
-COCO = Path("/work/shared/data/coco-mini/val2017")
-TRAIN_JSON = Path("/work/shared/data/coco-mini/train2017/annotations/instances_train2017.json")
+DATA = default_data_dir()
+COCO = DATA / "val2017"
+TRAIN_JSON = DATA / "train2017" / "annotations" / "instances_train2017.json"
+pytestmark = pytest.mark.skipif(not TRAIN_JSON.exists() or not COCO.exists(), reason=f"coco-mini not found at {DATA}")
 
 
 def _image():
@@ -34,15 +37,16 @@ def _image():
 def version_dir(tmp_path_factory):
     """A model version from one real SIM training iteration (CPU config, coco-mini train2017, warm-up 0,
     so the checkpoint holds the teacher and prototypes), laid out like training.registry's versions."""
-    from training.train import build_config, register_builtin_datasets, train
+    from training.train import build_config, train
 
-    register_builtin_datasets()
     run = tmp_path_factory.mktemp("run")
     cfg = build_config("configs/SIM_EffLite0_FPN_cpu.yaml", [
         "OUTPUT_DIR", str(run), "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "1", "SOLVER.IMS_PER_BATCH", "1",
         "MODEL.SIM.WARMUP_ITERS", "0", "MODEL.SIM.PROTOTYPES.INPUT_THRESH", "0.0",
         "INPUT.MIN_SIZE_TRAIN", "(256,)", "INPUT.MAX_SIZE_TRAIN", "400", "INPUT.MIN_SIZE_TEST", "256",
-        "INPUT.MAX_SIZE_TEST", "400", "DATALOADER.NUM_WORKERS", "0", "MODEL.FCOS.NUM_CLASSES", "80"])
+        "INPUT.MAX_SIZE_TEST", "400", "DATALOADER.NUM_WORKERS", "0"],
+        train_json=str(TRAIN_JSON), train_images=str(DATA / "train2017" / "images"))
+    assert cfg.MODEL.FCOS.NUM_CLASSES == 80
     result = train(cfg)
     vdir = tmp_path_factory.mktemp("models") / "7" / "v0001"
     vdir.mkdir(parents=True)
