@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-COCO_VAL = Path("/work/shared/data/coco-mini/val2017")
+from sim_model.benchmark import default_data_dir
+
+COCO_VAL = default_data_dir() / "val2017"
 COCO_VAL_IMAGES = COCO_VAL / "images"
 COCO_VAL_JSON = COCO_VAL / "annotations" / "instances_val2017.json"
 

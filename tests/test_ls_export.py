@@ -17,11 +17,12 @@ import pytest
 
 from sim_backend.images import ImageLoader
 from sim_backend.settings import Settings
+from sim_model.benchmark import default_data_dir
 from tests.backend_fixtures import coco_config, rect_item
 from training import ls_export
 from training.registry import ModelRegistry
 
-COCO_TRAIN = Path("/work/shared/data/coco-mini/train2017")
+COCO_TRAIN = default_data_dir() / "train2017"
 TRAIN_JSON = COCO_TRAIN / "annotations" / "instances_train2017.json"
 
 

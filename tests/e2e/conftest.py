@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from sim_model.benchmark import default_data_dir
+
 from tests.e2e import ls_harness
 
-COCO_MINI = Path(os.environ.get("SIM_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data")) / "coco-mini"
+COCO_MINI = default_data_dir()
 
 
 def _require_label_studio() -> None:
@@ -64,7 +66,7 @@ def start_backend(label_studio, tmp_path_factory):
 def _coco_split(split: str) -> dict:
     ann = COCO_MINI / split / "annotations" / f"instances_{split}.json"
     if not ann.exists():
-        pytest.fail(f"coco-mini is missing: {ann} (shared data, set SIM_SHARED_DATA to its folder)", pytrace=False)
+        pytest.fail(f"coco-mini is missing: {ann} (shared data, set SIM_DATA_DIR to the coco-mini folder)", pytrace=False)
     return {"json": json.loads(ann.read_text()), "annotation_file": ann, "images": COCO_MINI / split / "images"}
 
 
