@@ -72,14 +72,21 @@ def evaluate_box_to_mask_sim(cfg, model, dataset_name: str, max_images: Optional
     return {k: v for k, v in res.items() if k not in ("per_box",)}
 
 
-def evaluate(config_file: str, weights: str, json_file: Optional[str] = None, image_dir: Optional[str] = None,
-             opts: Sequence[str] = (), max_images: Optional[int] = None, instance_seg: bool = True,
-             box_to_mask: bool = True, output_dir: Optional[str] = None) -> dict:
-    """Both evaluations of the module docstring; returns ``{"instance_segmentation": …, "box_to_mask": …}``."""
+def load_eval_model(config_file: str, weights: str, opts: Sequence[str] = ()):
+    """``(cfg, model)`` for evaluation: the config with ``opts``, every weight from the checkpoint ``weights``
+    (no ImageNet initialisation), model in eval mode on ``MODEL.DEVICE``."""
     opts = list(opts) + ["MODEL.WEIGHTS", ""]
     if "EFFICIENTNET_LITE.PRETRAINED" not in " ".join(opts):
         opts += ["MODEL.EFFICIENTNET_LITE.PRETRAINED", "False"]  # every weight comes from the checkpoint
     cfg = build_config(config_file, opts)
+    return cfg, load_model(cfg, weights)
+
+
+def evaluate(config_file: str, weights: str, json_file: Optional[str] = None, image_dir: Optional[str] = None,
+             opts: Sequence[str] = (), max_images: Optional[int] = None, instance_seg: bool = True,
+             box_to_mask: bool = True, output_dir: Optional[str] = None) -> dict:
+    """Both evaluations of the module docstring; returns ``{"instance_segmentation": …, "box_to_mask": …}``."""
+    cfg, model = load_eval_model(config_file, weights, opts)
     if json_file is not None or image_dir is not None:
         if json_file is None or image_dir is None:
             raise ValueError("give both --json and --images")
@@ -88,7 +95,6 @@ def evaluate(config_file: str, weights: str, json_file: Optional[str] = None, im
         name = cfg.DATASETS.TEST[0]
     else:
         raise ValueError("no dataset: give --json and --images, or set DATASETS.TEST")
-    model = load_model(cfg, weights)
     out = {"dataset": name, "weights": os.path.abspath(weights), "config": os.path.abspath(config_file)}
     if instance_seg:
         out["instance_segmentation"] = evaluate_instance_segmentation(cfg, model, name, output_dir)
