@@ -9,4 +9,4 @@ COPY . /app
 RUN SKIP_LABEL_STUDIO=1 bash scripts/install.sh && rm -rf /root/.cache/pip
 ENV MODEL_DIR=/app/models PORT=9090 WORKERS=2 THREADS=4 PYTHONUNBUFFERED=1
 EXPOSE 9090
-CMD .venv/bin/gunicorn sim_backend.wsgi:app --bind 0.0.0.0:${PORT} --workers ${WORKERS} --threads ${THREADS} --timeout 120
+CMD .venv/bin/gunicorn sim_backend.wsgi:app --bind 0.0.0.0:${PORT} --workers ${WORKERS} --threads ${THREADS} --timeout 300 --no-control-socket
