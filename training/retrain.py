@@ -408,9 +408,7 @@ def grow_classes(parent_ckpt: Path, cfg, n_old: int, out_path: Path) -> Path:
             continue
         if tuple(v.shape) == tuple(ref.shape):
             out[k] = v
-        elif v.dim() >= 1 and v.shape[0] == n_old and ref.shape[0] == n_new and v.shape[1:] == ref.shape[1:]:
-            t = ref.clone()
-            t[:n_old] = v.to(t.dtype)
+        elif (t := _grow_rows(v, ref, n_old, n_new)) is not None:
             out[k] = t
             grown.append(k)
         else:
@@ -424,15 +422,23 @@ def grow_classes(parent_ckpt: Path, cfg, n_old: int, out_path: Path) -> Path:
         ref = new_sd.get("net." + k[len("teacher.model."):]) if k.startswith("teacher.model.") else None
         if ref is None or not hasattr(v, "shape") or tuple(v.shape) == tuple(ref.shape):
             out[k] = v
-        elif v.dim() >= 1 and v.shape[0] == n_old and ref.shape[0] == n_new and v.shape[1:] == ref.shape[1:]:
-            t = ref.clone()
-            t[:n_old] = v.to(t.dtype)
+        elif (t := _grow_rows(v, ref, n_old, n_new)) is not None:
             out[k] = t
             grown.append(k)
     _say(4, f"grew {len(grown)} class-dependent tensors from {n_old} to {n_new} classes"
             + (f"; {len(fresh)} tensors freshly initialised" if fresh else ""))
     torch.save({"model": out}, out_path)
     return out_path
+
+
+def _grow_rows(old, ref, n_old: int, n_new: int):
+    """A class-dependent tensor grown from ``n_old`` to ``n_new`` classes along dim 0: the old rows of ``old``
+    on top of ``ref``'s fresh rows; None when ``old`` is not such a tensor (other shape)."""
+    if old.dim() >= 1 and old.shape[0] == n_old and ref.shape[0] == n_new and old.shape[1:] == ref.shape[1:]:
+        t = ref.clone()
+        t[:n_old] = old.to(t.dtype)
+        return t
+    return None
 
 
 def _load_engine(vdir: Path, version: str):
