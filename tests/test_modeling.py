@@ -197,3 +197,17 @@ def test_teacher_feature_affinity_option():
     model(batch)
     losses = model(batch)
     assert torch.isfinite(losses["loss_pairwise"]) and float(losses["loss_pairwise"]) > 0
+
+
+def test_pseudo_loss_weights_and_prototype_assignment_keys_are_read():
+    """MODEL.SIM.PSEUDO_LOSS.BCE_WEIGHT/DICE_WEIGHT and PROTOTYPES.HARD_ASSIGNMENT reach the SIM functions."""
+    common = ("MODEL.SIM.WARMUP_ITERS", "0", "MODEL.SIM.PROTOTYPES.INPUT_THRESH", "0.0")
+    cfg = _cfg("SIM_pseudo_EffLite0_FPN_cpu.yaml", *common)
+    zero = _cfg("SIM_pseudo_EffLite0_FPN_cpu.yaml", *common, "MODEL.SIM.PSEUDO_LOSS.BCE_WEIGHT", "0.0",
+                "MODEL.SIM.PSEUDO_LOSS.DICE_WEIGHT", "0.0", "MODEL.SIM.PROTOTYPES.HARD_ASSIGNMENT", "False")
+    batch = _batch(cfg)
+    base = _seeded_model(cfg)(batch)
+    model = _seeded_model(zero)
+    off = model(batch)
+    assert float(base["loss_pseudo"]) > 0 and float(off["loss_pseudo"]) == 0.0
+    assert model.sim.hard_assignment is False and model.sim.bce_weight == 0.0 and model.sim.dice_weight == 0.0

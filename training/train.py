@@ -39,13 +39,15 @@ from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv
 from detectron2.utils import comm
 
 import sim_model.modeling  # noqa: F401  (registers CondInst and the backbones)
+from sim_model.benchmark import default_data_dir
 from sim_model.config import get_sim_cfg
 from training.data import BoxOnlyDatasetMapper, register_coco
 
 logger = logging.getLogger("training.train")
 
-#: coco-mini, the shared sample data; registered when present (env ``SIM_COCO_MINI`` overrides the path).
-COCO_MINI = os.environ.get("SIM_COCO_MINI", "/work/shared/data/coco-mini")
+#: coco-mini, the shared sample data, registered when present (:func:`sim_model.benchmark.default_data_dir`:
+#: ``$SIM_DATA_DIR``, else ``../shared/data/coco-mini`` beside the repository).
+COCO_MINI = str(default_data_dir())
 
 
 def register_builtin_datasets() -> None:

@@ -63,6 +63,8 @@ class SIMSettings:
     warmup_iters: int = 10000
     pseudo_loss: bool = True
     pseudo_weight: float = 0.5
+    bce_weight: float = 1.0
+    dice_weight: float = 1.0
     copy_paste: bool = True
     paste_weight: float = 1.0
     thresh_low: float = 0.3
@@ -75,6 +77,7 @@ class SIMSettings:
     sinkhorn_epsilon: float = 0.05
     sinkhorn_iters: int = 3
     prototype_input_thresh: float = 0.7
+    hard_assignment: bool = True
     teacher: bool = True
     teacher_momentum: float = 0.9999
     bank_size: int = 100
@@ -290,12 +293,14 @@ class CondInst(nn.Module):
                 pairwise_weight=b.PAIRWISE.WEIGHT),
             "sim": SIMSettings(
                 enabled=s.ENABLED, warmup_iters=s.WARMUP_ITERS, pseudo_loss=s.PSEUDO_LOSS.ENABLED,
-                pseudo_weight=s.PSEUDO_LOSS.WEIGHT, copy_paste=s.COPY_PASTE.ENABLED,
+                pseudo_weight=s.PSEUDO_LOSS.WEIGHT, bce_weight=s.PSEUDO_LOSS.BCE_WEIGHT,
+                dice_weight=s.PSEUDO_LOSS.DICE_WEIGHT, copy_paste=s.COPY_PASTE.ENABLED,
                 paste_weight=s.COPY_PASTE.WEIGHT, thresh_low=s.THRESH_LOW, thresh_high=s.THRESH_HIGH,
                 alpha=s.RECTIFY_ALPHA, mu=s.INSTANCE_MAP_MU, num_prototypes=s.PROTOTYPES.NUM_PER_CLASS,
                 temperature=s.PROTOTYPES.TEMPERATURE, prototype_momentum=s.PROTOTYPES.MOMENTUM,
                 sinkhorn_epsilon=s.PROTOTYPES.SINKHORN_EPSILON, sinkhorn_iters=s.PROTOTYPES.SINKHORN_ITERS,
-                prototype_input_thresh=s.PROTOTYPES.INPUT_THRESH, teacher=s.TEACHER.ENABLED,
+                prototype_input_thresh=s.PROTOTYPES.INPUT_THRESH,
+                hard_assignment=s.PROTOTYPES.HARD_ASSIGNMENT, teacher=s.TEACHER.ENABLED,
                 teacher_momentum=s.TEACHER.MOMENTUM, bank_size=s.COPY_PASTE.BANK_SIZE,
                 paste_fraction=s.COPY_PASTE.PASTE_FRACTION, paste_min=s.COPY_PASTE.MIN_PER_IMAGE,
                 paste_max=s.COPY_PASTE.MAX_PER_IMAGE, min_visible_pixels=s.COPY_PASTE.MIN_VISIBLE_PIXELS,
@@ -571,12 +576,13 @@ class CondInst(nn.Module):
         student_pasted = gt_pasted[gt_s]
         if s.pseudo_loss:
             k = ~student_pasted
-            losses["loss_pseudo"] = pseudo_mask_loss(mask_logits[k, 0], target[gt_s[k]], weight[gt_s[k]]) \
-                * s.pseudo_weight
+            losses["loss_pseudo"] = pseudo_mask_loss(mask_logits[k, 0], target[gt_s[k]], weight[gt_s[k]],
+                                                     s.bce_weight, s.dice_weight) * s.pseudo_weight
         if s.copy_paste:
             k = student_pasted
             t = paste_grid[gt_s[k]]
-            losses["loss_paste"] = pseudo_mask_loss(mask_logits[k, 0], t, torch.ones_like(t)) * s.paste_weight
+            losses["loss_paste"] = pseudo_mask_loss(mask_logits[k, 0], t, torch.ones_like(t), s.bce_weight,
+                                                    s.dice_weight) * s.paste_weight
 
         with torch.no_grad():
             # prototypes (Eq. 2–5): teacher features of in-box pixels whose teacher mask prob > threshold
@@ -587,7 +593,8 @@ class CondInst(nn.Module):
                     k = (img_r == im) & (cls_r == c)
                     pix = feed[k].any(dim=0)
                     if bool(pix.any()):
-                        self.prototypes.update(z[im][:, pix].t(), c, s.sinkhorn_epsilon, s.sinkhorn_iters)
+                        self.prototypes.update(z[im][:, pix].t(), c, s.sinkhorn_epsilon, s.sinkhorn_iters,
+                                               hard_assignment=s.hard_assignment)
             # memory bank (§3.3): this step's images with the real objects' pseudo masks and S_k
             if s.copy_paste and self.memory_bank is not None:
                 for im in range(len(raw)):
