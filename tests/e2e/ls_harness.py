@@ -399,6 +399,33 @@ class BackendServer:
 
 
 # ---------------------------------------------------------------------------------- project set-up
+def select_images(coco: dict, n: int) -> list[dict]:
+    """The ``n`` images of a COCO json with the fewest ground-truth boxes (at least one, no crowd region), by id.
+
+    Few boxes per image keep the engines' time inside the test budget.
+
+    Raises:
+        HarnessError: the json has fewer than ``n`` such images.
+    """
+    from collections import Counter
+
+    boxes = Counter(a["image_id"] for a in coco["annotations"] if not a.get("iscrowd", 0))
+    crowd = {a["image_id"] for a in coco["annotations"] if a.get("iscrowd", 0)}
+    imgs = [i for i in coco["images"] if boxes[i["id"]] > 0 and i["id"] not in crowd]
+    imgs.sort(key=lambda i: (boxes[i["id"]], i["id"]))
+    if len(imgs) < n:
+        raise HarnessError(f"the COCO json has only {len(imgs)} usable images, the test needs {n}")
+    return imgs[:n]
+
+
+def stage_images(images: Iterable[dict], image_dir: Path, folder: Path) -> Path:
+    """Copy the COCO ``images``' files from ``image_dir`` into ``folder`` (under a Local Files document root)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for im in images:
+        shutil.copyfile(image_dir / im["file_name"], folder / im["file_name"])
+    return folder
+
+
 def labeling_config(labels: Iterable[str], *, brush: bool = True) -> str:
     """Labeling config: Image ``image`` (``$image``), RectangleLabels ``box``, PolygonLabels ``polygon``
     and, if ``brush``, BrushLabels ``brush``, all over ``labels`` (e.g. coco-mini's category names)."""

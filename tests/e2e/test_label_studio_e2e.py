@@ -10,9 +10,7 @@ model_version that /setup returned, are not duplicated by the second run, and no
 """
 from __future__ import annotations
 
-import shutil
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,20 +27,6 @@ pytestmark = pytest.mark.e2e
 
 N_IMAGES = 20
 
-
-def select_images(coco: dict, n: int) -> list[dict]:
-    """The ``n`` images with the fewest ground-truth boxes (at least one, no crowd region), by id.
-
-    Few boxes per image keep the cold-start engine's time inside the test budget; every box of a
-    selected image is evaluated.
-    """
-    boxes = Counter(a["image_id"] for a in coco["annotations"] if not a.get("iscrowd", 0))
-    crowd = {a["image_id"] for a in coco["annotations"] if a.get("iscrowd", 0)}
-    imgs = [i for i in coco["images"] if boxes[i["id"]] > 0 and i["id"] not in crowd]
-    imgs.sort(key=lambda i: (boxes[i["id"]], i["id"]))
-    if len(imgs) < n:
-        pytest.fail(f"coco-mini val2017 has only {len(imgs)} usable images, the test needs {n}")
-    return imgs[:n]
 
 
 def gt_mask(ann: dict, h: int, w: int) -> np.ndarray:
@@ -113,11 +97,8 @@ class Flow:
 def flow(label_studio, ls_client, start_backend, coco_val, tmp_path_factory) -> Flow:
     t_all = time.monotonic()
     coco = coco_val["json"]
-    images = select_images(coco, N_IMAGES)
-    folder = label_studio.document_root / "coco-val2017-e2e"
-    folder.mkdir(parents=True, exist_ok=True)
-    for im in images:
-        shutil.copyfile(coco_val["images"] / im["file_name"], folder / im["file_name"])
+    images = H.select_images(coco, N_IMAGES)
+    folder = H.stage_images(images, coco_val["images"], label_studio.document_root / "coco-val2017-e2e")
     ids = {im["id"] for im in images}
     subset = {"images": images, "categories": coco["categories"],
               "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}

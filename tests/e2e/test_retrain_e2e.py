@@ -24,7 +24,6 @@ from __future__ import annotations
 import http.server
 import json
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -48,15 +47,6 @@ N_POLYGON_TASKS = 3
 MAX_ITER = 4
 REPO = Path(__file__).resolve().parents[2]
 
-
-def select_images(coco: dict, n: int) -> list[dict]:
-    """The ``n`` train2017 images with the fewest boxes (>= 1, no crowd region), by id."""
-    boxes = Counter(a["image_id"] for a in coco["annotations"] if not a.get("iscrowd", 0))
-    crowd = {a["image_id"] for a in coco["annotations"] if a.get("iscrowd", 0)}
-    imgs = [i for i in coco["images"] if boxes[i["id"]] > 0 and i["id"] not in crowd]
-    imgs.sort(key=lambda i: (boxes[i["id"]], i["id"]))
-    assert len(imgs) >= n, f"coco-mini train2017 has only {len(imgs)} usable images"
-    return imgs[:n]
 
 
 def polygon_results(coco: dict, image_id: int) -> list[dict]:
@@ -159,11 +149,8 @@ class Flow:
 def project(label_studio, ls_client, start_backend, coco_train, tmp_path_factory) -> Project:
     """The annotated project with our backend connected (no model version yet)."""
     coco = coco_train["json"]
-    images = select_images(coco, N_IMAGES)
-    folder = label_studio.document_root / "coco-train2017-retrain"
-    folder.mkdir(parents=True, exist_ok=True)
-    for im in images:
-        shutil.copyfile(coco_train["images"] / im["file_name"], folder / im["file_name"])
+    images = H.select_images(coco, N_IMAGES)
+    folder = H.stage_images(images, coco_train["images"], label_studio.document_root / "coco-train2017-retrain")
     client = ls_client
     config = H.labeling_config([c["name"] for c in coco["categories"]], brush=False)
     pid = H.create_project(client, "coco-mini train2017 retrain e2e", config)
