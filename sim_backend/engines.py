@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Callable
 
-from sim_model.box_to_mask import BoxToMask
+from sim_model.box_to_mask import BoxToMask, sim_model_version
 
 from .settings import Settings
 
@@ -21,11 +21,6 @@ log = logging.getLogger(__name__)
 
 #: Seconds before a version that failed to load is tried again.
 RETRY_FAILED_LOAD_S = 60.0
-
-
-def sim_model_version(version: str) -> str:
-    """The ``model_version`` reported for a registry version, e.g. ``"v0003"`` → ``"sim-v0003"``."""
-    return f"sim-{version}"
 
 
 def _default_fallback() -> BoxToMask:

@@ -91,6 +91,11 @@ def check_boxes(boxes: np.ndarray, image_hw: tuple[int, int], min_size: float = 
     return out
 
 
+def sim_model_version(version: str) -> str:
+    """The ``model_version`` reported for a SIM registry version, e.g. ``"v0003"`` → ``"sim-v0003"``."""
+    return f"sim-{version}"
+
+
 class BoxToMask(abc.ABC):
     """Box→mask engine.
 

@@ -5,7 +5,8 @@ import threading
 import numpy as np
 import pytest
 
-from sim_backend.engines import EngineProvider, sim_model_version
+from sim_backend.engines import EngineProvider
+from sim_model.box_to_mask import sim_model_version
 from sim_backend.settings import Settings
 from sim_model.engines.grabcut import GrabCutBoxToMask
 from training.registry import REQUIRED_FILES, ModelRegistry

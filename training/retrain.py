@@ -442,7 +442,7 @@ def _grow_rows(old, ref, n_old: int, n_new: int):
 
 
 def _load_engine(vdir: Path, version: str):
-    from sim_backend.engines import sim_model_version
+    from sim_model.box_to_mask import sim_model_version
     from sim_model.engines.sim import SIMBoxToMask
 
     engine = SIMBoxToMask.from_version_dir(vdir)

@@ -237,7 +237,7 @@ def push_predictions(engine, export, version: str, client, db: ScoreDB | None = 
     Returns:
         {"tasks": n pushed, "regions": n regions, "skipped": [str]}.
     """
-    from sim_backend.engines import sim_model_version
+    from sim_model.box_to_mask import sim_model_version
     from sim_backend.label_config import parse_label_config, target_label
     from sim_backend.regions import polygon_regions
     from sim_backend.settings import Settings

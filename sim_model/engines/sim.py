@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sim_model.box_to_mask import BoxToMask, BoxToMaskError
+from sim_model.box_to_mask import BoxToMask, BoxToMaskError, sim_model_version
 from sim_model.sim.copy_paste import box_masks
 from sim_model.sim.pseudo_masks import instance_map, mask_score, positive_weights, rectify, threshold_pseudo_mask
 
@@ -165,7 +165,7 @@ class SIMBoxToMask(BoxToMask):
         if shape_errors:
             raise ModelVersionError(f"{weights}: weights of the wrong shape for {vdir / CONFIG_FILE}: "
                                     f"{shape_errors[:3]}")
-        return cls(model, cfg, labels, f"sim-{vdir.name}", **overrides)
+        return cls(model, cfg, labels, sim_model_version(vdir.name), **overrides)
 
     # ------------------------------------------------------------------ prediction
     @torch.no_grad()
