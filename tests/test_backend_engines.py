@@ -3,7 +3,6 @@ import logging
 import threading
 
 import numpy as np
-import pytest
 
 from sim_backend.engines import EngineProvider
 from sim_model.box_to_mask import sim_model_version

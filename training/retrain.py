@@ -221,8 +221,6 @@ def _run(args, settings, registry, model_dir: Path, url: str, key: str, project:
 
 def _train_publish(args, settings, registry, project, export, train_json: Path, val_json: Path | None,
                    work: Path, served: str | None, t_start: float) -> int:
-    from training import scores as scores_mod
-
     log_path = work / "train_log.txt"
     # 4. train (its console output is also kept in the version's train_log.txt)
     out_dir = work / "output"

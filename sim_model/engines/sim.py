@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sim_model.box_to_mask import BoxToMask, BoxToMaskError, sim_model_version
+from sim_model.box_to_mask import BoxToMask, sim_model_version
 from sim_model.sim.copy_paste import box_masks
 from sim_model.sim.pseudo_masks import instance_map, mask_score, positive_weights, rectify, threshold_pseudo_mask
 
