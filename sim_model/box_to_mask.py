@@ -1,20 +1,34 @@
-"""The one box→mask interface that the backend, the benchmark and the retrain scores all use.
+"""The one box→mask interface that the backend, the benchmark, the evaluation and the retrain scores use.
 
 An engine turns an RGB image and N boxes (XYXY, pixels) with their labels into N soft masks and N
-quality scores. Two engines implement it: :class:`sim_model.engines.grabcut.GrabCutBoxToMask` (cold
-start, no training) and the SIM predictor (a trained model version, see issue 3).
+quality scores. :meth:`BoxToMask.predict` guards every engine: it validates the inputs, calls the
+engine's :meth:`BoxToMask._predict` with boxes already clipped to the image, and checks what comes
+back, so no engine can forget either side.
+
+A mask is zero outside its box by contract, so it is kept **box-local**: :class:`BoxMasks` holds
+each mask over its box's pixel bounds (:func:`sim_model.boxes.box_pixel_bounds`) with that offset,
+the way detectron2 keeps masks local to their box and pastes them late. Memory grows with the boxes'
+area, not with boxes × image size; :meth:`BoxMasks.full` pastes one mask into the image when a
+consumer needs it (brush RLE, COCO RLE).
+
+:func:`predict_valid_boxes` is the check-boxes → predict → skip sequence shared by the backend, the
+scores and the evaluation: boxes that cannot be segmented (zero area, outside the image, …) are
+skipped with their reason and the rest go to the engine in one call.
 """
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
+from sim_model.boxes import box_pixel_bounds
+
 
 class BoxToMaskError(ValueError):
-    """Raised for input that no engine can turn into masks (bad image array, malformed boxes)."""
+    """Input that no engine can turn into masks (bad image array, malformed boxes), or an engine's
+    output that breaks the :class:`BoxMasks` contract."""
 
 
 @dataclass(frozen=True)
@@ -91,45 +105,84 @@ def check_boxes(boxes: np.ndarray, image_hw: tuple[int, int], min_size: float = 
     return out
 
 
-def sim_model_version(version: str) -> str:
-    """The ``model_version`` reported for a SIM registry version, e.g. ``"v0003"`` → ``"sim-v0003"``."""
-    return f"sim-{version}"
+@dataclass(frozen=True)
+class BoxMasks:
+    """N soft masks, each kept over its box's pixel bounds (zero outside them by contract).
+
+    Attributes:
+        image_size: (H, W) of the image in pixels.
+        bounds: (N, 4) int64 (c0, r0, c1, r1) half-open pixel bounds of each box
+            (:func:`sim_model.boxes.box_pixel_bounds`).
+        crops: N float32 arrays, crop k of shape (r1 - r0, c1 - c0): mask probabilities in [0, 1].
+        scores: (N,) float32 mask-quality scores in [0, 1] (SIM Eq. 11's S_k for SIM).
+    """
+
+    image_size: tuple[int, int]
+    bounds: np.ndarray
+    crops: tuple[np.ndarray, ...]
+    scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    @classmethod
+    def empty(cls, image_size: tuple[int, int]) -> "BoxMasks":
+        """No mask on an image of ``image_size`` (H, W)."""
+        return cls(tuple(int(v) for v in image_size), np.zeros((0, 4), np.int64), (), np.zeros((0,), np.float32))
+
+    def full(self, k: int, dtype=np.float32) -> np.ndarray:
+        """Mask ``k`` pasted into a zero (H, W) image of ``dtype`` (one image-sized array: use sparingly)."""
+        c0, r0, c1, r1 = (int(v) for v in self.bounds[k])
+        out = np.zeros(self.image_size, dtype)
+        out[r0:r1, c0:c1] = self.crops[k]
+        return out
+
+    def dense(self) -> np.ndarray:
+        """All masks as one (N, H, W) float32 array (small images only: N × H × W floats)."""
+        out = np.zeros((len(self),) + tuple(self.image_size), np.float32)
+        for k, (c0, r0, c1, r1) in enumerate(self.bounds.tolist()):
+            out[k, r0:r1, c0:c1] = self.crops[k]
+        return out
+
+    def foreground(self, k: int, threshold: float) -> np.ndarray:
+        """Crop ``k`` thresholded: (r1 - r0, c1 - c0) bool, True where the probability >= ``threshold``."""
+        return self.crops[k] >= threshold
+
+    def select(self, indices: Sequence[int]) -> "BoxMasks":
+        """The masks at ``indices``, in that order."""
+        idx = [int(i) for i in indices]
+        return BoxMasks(self.image_size, self.bounds[idx] if idx else np.zeros((0, 4), np.int64),
+                        tuple(self.crops[i] for i in idx), self.scores[idx].astype(np.float32))
 
 
 class BoxToMask(abc.ABC):
     """Box→mask engine.
 
     Subclasses set :attr:`model_version` (a stable string that Label Studio stores with each
-    prediction; it changes only when a new model is published) and implement :meth:`predict`.
+    prediction; it changes only when a new model is published) and implement :meth:`_predict`.
+    Callers use :meth:`predict`, which guards every engine the same way.
     """
 
     #: Stable version string reported to Label Studio, e.g. "grabcut-v1" or "sim-v0003".
     model_version: str = "unknown"
 
-    @abc.abstractmethod
-    def predict(self, image: np.ndarray, boxes: np.ndarray, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, image: np.ndarray, boxes: np.ndarray, labels: Sequence[str]) -> BoxMasks:
         """Segment the object inside each box.
 
         Args:
             image: (H, W, 3) uint8 RGB.
-            boxes: (N, 4) float XYXY in pixels; every box must pass :func:`check_boxes`
-                (callers validate first and skip the others).
+            boxes: (N, 4) float XYXY in pixels; every box must pass :func:`check_boxes` (use
+                :func:`predict_valid_boxes` to skip the others); they are clipped to the image.
             labels: N class names, one per box (an engine may ignore them; an unknown label must not
                 raise).
 
         Returns:
-            masks: (N, H, W) float32 mask probabilities in [0, 1], zero outside the box.
-            scores: (N,) float32 mask-quality scores in [0, 1] (SIM Eq. 11's S_k for SIM).
+            :class:`BoxMasks` with one mask per box, in order.
 
         Raises:
-            BoxToMaskError: on a malformed image, boxes or labels (length mismatch).
-        """
-
-    def _check_inputs(self, image: np.ndarray, boxes: np.ndarray, labels: Sequence[str]) -> np.ndarray:
-        """Shared validation for :meth:`predict`; returns boxes as (N, 4) float32 clipped to the image.
-
-        Raises:
-            BoxToMaskError: malformed image, boxes, a length mismatch, or a box that fails :func:`check_boxes`.
+            BoxToMaskError: a malformed image, boxes or labels (length mismatch, a box that fails
+                :func:`check_boxes`), or an engine output that breaks the contract (wrong count or
+                crop shape, values outside [0, 1], non-finite scores).
         """
         check_image(image)
         checks = check_boxes(boxes, image.shape[:2])
@@ -138,4 +191,94 @@ class BoxToMask(abc.ABC):
         bad = [f"box {i}: {c.reason}" for i, c in enumerate(checks) if not c.ok]
         if bad:
             raise BoxToMaskError("; ".join(bad))
-        return np.stack([c.box for c in checks]).astype(np.float32) if checks else np.zeros((0, 4), np.float32)
+        hw = tuple(int(v) for v in image.shape[:2])
+        if not checks:
+            return BoxMasks.empty(hw)
+        clipped = np.stack([c.box for c in checks]).astype(np.float32)
+        crops, scores = self._predict(image, clipped, [str(label) for label in labels])
+        return self._checked_output(hw, clipped, crops, scores)
+
+    @abc.abstractmethod
+    def _predict(self, image: np.ndarray, boxes: np.ndarray, labels: list[str]
+                 ) -> tuple[Sequence[np.ndarray], np.ndarray]:
+        """The engine's work, on validated input.
+
+        Args:
+            image: (H, W, 3) uint8 RGB.
+            boxes: (N, 4) float32 XYXY in pixels, N >= 1, each clipped to the image with positive area.
+            labels: N class names.
+
+        Returns:
+            crops: N float arrays, crop k over box k's pixel bounds (:func:`sim_model.boxes.box_pixel_bounds`),
+                probabilities in [0, 1];
+            scores: (N,) float mask-quality scores in [0, 1].
+        """
+
+    @staticmethod
+    def _checked_output(hw: tuple[int, int], boxes: np.ndarray, crops: Sequence[np.ndarray],
+                        scores: np.ndarray) -> BoxMasks:
+        n = len(boxes)
+        scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+        if len(crops) != n or scores.shape != (n,):
+            raise BoxToMaskError(f"engine returned {len(crops)} masks and {scores.shape[0]} scores for {n} boxes")
+        bounds = np.array([box_pixel_bounds(b, hw) for b in boxes], np.int64).reshape(n, 4)
+        out = []
+        for k, (crop, (c0, r0, c1, r1)) in enumerate(zip(crops, bounds.tolist())):
+            crop = np.asarray(crop, dtype=np.float32)
+            if crop.shape != (r1 - r0, c1 - c0):
+                raise BoxToMaskError(f"engine returned mask {k} of shape {crop.shape}; its box covers "
+                                     f"{(r1 - r0, c1 - c0)} pixels")
+            if crop.size and not (np.isfinite(crop).all() and crop.min() >= 0.0 and crop.max() <= 1.0):
+                raise BoxToMaskError(f"engine returned mask {k} with values outside [0, 1]")
+            out.append(crop)
+        if not (np.isfinite(scores).all() and np.all((scores >= 0.0) & (scores <= 1.0))):
+            raise BoxToMaskError(f"engine returned scores outside [0, 1]: {scores.tolist()[:8]}")
+        return BoxMasks(hw, bounds, tuple(out), scores)
+
+
+@dataclass(frozen=True)
+class ValidBoxPrediction:
+    """Result of :func:`predict_valid_boxes`.
+
+    Attributes:
+        masks: :class:`BoxMasks` of the boxes that passed :func:`check_boxes`, in input order.
+        kept: indices (into the input boxes) of those boxes; ``masks`` k belongs to box ``kept[k]``.
+        skipped: (index, reason) of every box that was not segmented.
+    """
+
+    masks: BoxMasks
+    kept: list[int]
+    skipped: list[tuple[int, str]]
+
+
+def predict_valid_boxes(engine: BoxToMask, image: np.ndarray, boxes: np.ndarray,
+                        labels: Sequence[str]) -> ValidBoxPrediction:
+    """Check the boxes, segment the valid ones in one engine call, and say why the others were skipped.
+
+    Args:
+        engine: any :class:`BoxToMask`.
+        image: (H, W, 3) uint8 RGB.
+        boxes: (N, 4) float XYXY in pixels (rows with NaN count as "non-finite coordinate").
+        labels: N class names.
+
+    Returns:
+        :class:`ValidBoxPrediction`.
+
+    Raises:
+        BoxToMaskError: a malformed image or boxes array, a length mismatch, or a broken engine output.
+    """
+    check_image(image)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if len(boxes) else np.zeros((0, 4))
+    if len(labels) != len(boxes):
+        raise BoxToMaskError(f"{len(boxes)} boxes but {len(labels)} labels")
+    checks = check_boxes(boxes, image.shape[:2])
+    kept = [i for i, c in enumerate(checks) if c.ok]
+    skipped = [(i, c.reason) for i, c in enumerate(checks) if not c.ok]
+    if not kept:
+        return ValidBoxPrediction(BoxMasks.empty(image.shape[:2]), [], skipped)
+    masks = engine.predict(image, np.stack([checks[i].box for i in kept]), [labels[i] for i in kept])
+    return ValidBoxPrediction(masks, kept, skipped)
+
+
+__all__ = ["BoxToMask", "BoxToMaskError", "BoxMasks", "BoxCheck", "ValidBoxPrediction", "check_image",
+           "check_boxes", "predict_valid_boxes"]

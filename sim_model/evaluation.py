@@ -15,7 +15,9 @@ For every non-crowd ground-truth box, the engine predicts a mask (all boxes of a
   ``ms_per_image``: median over images of the predict time, milliseconds. Wall clock, one process.
 
 A box that :func:`sim_model.box_to_mask.check_boxes` rejects (none in coco-mini) is not sent to the
-engine; it counts as IoU 0 with no detection and is listed in ``skipped``.
+engine (:func:`sim_model.box_to_mask.predict_valid_boxes`); it counts as IoU 0 with no detection and is
+listed in ``skipped``. Predicted masks stay box-local (:class:`~sim_model.box_to_mask.BoxMasks`): IoU is
+computed on the box's pixels, and each mask is pasted into an image-sized array only for its COCO RLE.
 """
 from __future__ import annotations
 
@@ -26,12 +28,14 @@ import sys
 import time
 from typing import Any
 
+import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from sim_model.box_to_mask import BoxToMask, BoxToMaskError, check_boxes
+from sim_model.box_to_mask import BoxMasks, BoxToMask, predict_valid_boxes
+from sim_model.boxes import xywh_to_xyxy
 
 #: COCO size ranges by ground-truth area in pixels (COCOeval's areaRng): small < 32², medium < 96².
 SMALL_AREA = 32 ** 2
@@ -41,12 +45,6 @@ MEDIUM_AREA = 96 ** 2
 def coco_size(area: float) -> str:
     """COCO size class of an object of ``area`` pixels: "small", "medium" or "large"."""
     return "small" if area < SMALL_AREA else ("medium" if area < MEDIUM_AREA else "large")
-
-
-def xywh_to_xyxy(bbox) -> np.ndarray:
-    """COCO [x, y, w, h] (pixels) → (4,) float32 XYXY (pixels)."""
-    x, y, w, h = (float(v) for v in bbox)
-    return np.array([x, y, x + w, y + h], np.float32)
 
 
 def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -62,6 +60,26 @@ def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
     gt = gt.astype(bool)
     union = np.logical_or(pred, gt).sum()
     return float(np.logical_and(pred, gt).sum() / union) if union else 1.0
+
+
+def box_mask_iou(masks: BoxMasks, k: int, gt: np.ndarray, threshold: float) -> float:
+    """IoU of box-local mask ``k`` (probability >= ``threshold``) with a full-image ground-truth mask.
+
+    The prediction is zero outside its box, so only the box's pixels of ``gt`` need comparing; the
+    result equals :func:`mask_iou` of the pasted mask and ``gt``.
+
+    Args:
+        masks: the engine's :class:`~sim_model.box_to_mask.BoxMasks`.
+        k: the mask.
+        gt: (H, W) bool ground truth.
+        threshold: foreground threshold of the prediction.
+    """
+    c0, r0, c1, r1 = (int(v) for v in masks.bounds[k])
+    pred = masks.foreground(k, threshold)
+    gt = gt.astype(bool)
+    inter = int(np.logical_and(pred, gt[r0:r1, c0:c1]).sum())
+    union = int(pred.sum()) + int(gt.sum()) - inter
+    return float(inter / union) if union else 1.0
 
 
 def encode_mask(mask: np.ndarray) -> dict:
@@ -122,10 +140,8 @@ def evaluate_box_to_mask(engine: BoxToMask, coco_json: str | os.PathLike, image_
     Raises:
         FileNotFoundError: the JSON is missing, or an image is and ``missing_images="raise"``.
         ValueError: an unknown ``missing_images``.
-        BoxToMaskError: the engine returned masks or scores of the wrong shape.
+        BoxToMaskError: the engine returned masks or scores that break the BoxMasks contract.
     """
-    import cv2  # local: keeps this module importable for json/figure helpers without OpenCV
-
     if missing_images not in ("raise", "skip"):
         raise ValueError(f"missing_images must be 'raise' or 'skip', got {missing_images!r}")
     with contextlib.redirect_stdout(io.StringIO()):
@@ -148,43 +164,34 @@ def evaluate_box_to_mask(engine: BoxToMask, coco_json: str | os.PathLike, image_
             continue
         evaluated.append(img_id)
         image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        hw = image.shape[:2]
         anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=img_id)) if not a.get("iscrowd", 0)]
         if not anns:
             continue
         boxes = np.stack([xywh_to_xyxy(a["bbox"]) for a in anns])
-        checks = check_boxes(boxes, hw)
-        ok = [i for i, c in enumerate(checks) if c.ok]
-        for i, c in enumerate(checks):
-            if not c.ok:
-                skipped.append({"ann_id": anns[i]["id"], "reason": c.reason})
-                per_box.append({"ann_id": anns[i]["id"], "image_id": img_id,
-                                "category": cat_names[anns[i]["category_id"]],
-                                "size": coco_size(anns[i]["area"]), "iou": 0.0, "score": 0.0})
-        if not ok:
-            continue
-        labels = [cat_names[anns[i]["category_id"]] for i in ok]
+        labels = [cat_names[a["category_id"]] for a in anns]
         t0 = time.perf_counter()
-        masks, scores = engine.predict(image, boxes[ok], labels)
+        pred = predict_valid_boxes(engine, image, boxes, labels)
         dt = (time.perf_counter() - t0) * 1000.0
-        masks, scores = np.asarray(masks), np.asarray(scores)
-        if masks.shape != (len(ok),) + hw or scores.shape != (len(ok),):
-            raise BoxToMaskError(f"engine returned masks {masks.shape} and scores {scores.shape} "
-                                 f"for {len(ok)} boxes on a {hw} image")
+        for i, reason in pred.skipped:
+            skipped.append({"ann_id": anns[i]["id"], "reason": reason})
+            per_box.append({"ann_id": anns[i]["id"], "image_id": img_id, "category": labels[i],
+                            "size": coco_size(anns[i]["area"]), "iou": 0.0, "score": 0.0})
+        if not pred.kept:
+            continue
         image_ms.append(dt)
-        box_ms.extend([dt / len(ok)] * len(ok))
-        for k, i in enumerate(ok):
+        box_ms.extend([dt / len(pred.kept)] * len(pred.kept))
+        masks = pred.masks
+        for k, i in enumerate(pred.kept):
             a = anns[i]
-            pred = masks[k] >= mask_threshold
-            gt = coco.annToMask(a).astype(bool)
-            iou = mask_iou(pred, gt)
-            per_box.append({"ann_id": a["id"], "image_id": img_id, "category": labels[k],
-                            "size": coco_size(a["area"]), "iou": iou, "score": float(scores[k])})
-            detections.append({"image_id": img_id, "category_id": a["category_id"],
-                               "segmentation": encode_mask(pred), "score": float(scores[k])})
+            score = float(masks.scores[k])
+            per_box.append({"ann_id": a["id"], "image_id": img_id, "category": labels[i],
+                            "size": coco_size(a["area"]), "score": score,
+                            "iou": box_mask_iou(masks, k, coco.annToMask(a), mask_threshold)})
+            detections.append({"image_id": img_id, "category_id": a["category_id"], "score": score,
+                               "segmentation": encode_mask(masks.full(k) >= mask_threshold)})
         if progress:
-            print(f"[{n + 1}/{len(image_ids)}] image {img_id}: {len(ok)} boxes, {dt:.0f} ms, "
-                  f"mean IoU {np.mean([p['iou'] for p in per_box[-len(ok):]]):.3f}", file=sys.stderr)
+            print(f"[{n + 1}/{len(image_ids)}] image {img_id}: {len(pred.kept)} boxes, {dt:.0f} ms, "
+                  f"mean IoU {np.mean([p['iou'] for p in per_box[-len(pred.kept):]]):.3f}", file=sys.stderr)
 
     out: dict[str, Any] = {"model_version": getattr(engine, "model_version", "unknown")}
     ious = np.array([p["iou"] for p in per_box])
@@ -204,5 +211,5 @@ def evaluate_box_to_mask(engine: BoxToMask, coco_json: str | os.PathLike, image_
     return out
 
 
-__all__ = ["evaluate_box_to_mask", "coco_segm_ap", "mask_iou", "encode_mask", "xywh_to_xyxy", "coco_size",
+__all__ = ["evaluate_box_to_mask", "coco_segm_ap", "mask_iou", "box_mask_iou", "encode_mask", "coco_size",
            "SMALL_AREA", "MEDIUM_AREA"]

@@ -1,44 +1,39 @@
 """Cold-start box→mask engine: OpenCV GrabCut initialised from each box, made robust.
 
-Plain ``cv2.grabCut`` on the whole image from the box rectangle gives mIoU 0.337 on coco-mini val2017,
-far below the filled box (issue 2). This engine, per box:
+Per box:
 
-1. crops the image around the box with a margin (``margin`` × box size on each side, at least
+1. crop the image around the box with a margin (``margin`` × box size on each side, at least
    ``min_margin_px``), so the background model is learnt from the object's surroundings only;
-2. rescales the crop so that the box's short side is ``short_side`` pixels (upscales small boxes,
+2. rescale the crop so that the box's short side is ``short_side`` pixels (upscales small boxes,
    downscales big ones; the crop's long side is capped at ``max_side``), so GrabCut's pairwise term
    and its cost no longer depend on the object's size;
-3. runs ``iterations`` of ``cv2.grabCut`` with ``GC_INIT_WITH_MASK``: outside the box = background
+3. run ``iterations`` of ``cv2.grabCut`` with ``GC_INIT_WITH_MASK``: outside the box = background
    (``GC_BGD``), so nothing outside the box can become foreground; ``init="rect"`` (default) makes the
    whole box probable foreground (the classic rectangle initialisation); ``init="mask"`` makes the box
    probable background except the inscribed ellipse scaled by ``prior_scale`` (probable foreground);
    ``core_scale`` > 0 marks a central ellipse as certain foreground;
-4. optionally smooths the label map (a Gaussian of ``smooth_sigma`` working-scale pixels) and resizes it
-   back bilinearly: the mask is soft (probabilities in [0, 1]) along the boundary, exactly 0 outside
-   the box; ``prior_weight`` > 0 blends it with the inscribed ellipse;
-5. falls back to the inscribed ellipse (the best image-free shape prior: mIoU 0.656 against 0.586 for
-   the filled box) when GrabCut degenerates, i.e. its foreground covers under ``min_fill`` of the box.
+4. optionally smooth the label map (a Gaussian of ``smooth_sigma`` working-scale pixels) and resize it
+   back bilinearly: the mask is soft (probabilities in [0, 1]) along the boundary; ``prior_weight`` > 0
+   blends it with the inscribed ellipse;
+5. fall back to the inscribed ellipse (the best image-free shape prior) when GrabCut degenerates, i.e.
+   its foreground covers under ``min_fill`` of the box.
 
-Defaults come from a sweep on all 619 boxes of coco-mini val2017 (docs/benchmarks.md, "GrabCut
-options"): one iteration on a 96-px short side is as good (mIoU within ±0.005) as 5 iterations at
-160 px and ~10x faster; the ellipse initialisation (-0.02 mIoU), a certain-foreground core, smoothing,
-a lower fallback threshold, other margins and multi-scale averaging did not help.
+The defaults are the fastest setting of the options sweep in docs/benchmarks.md ("GrabCut options").
 
 Score (mask confidence in [0, 1]): BoxInst's tightness prior — the mask of an object in a tight box
 touches all four sides, so its projections onto x and y span the box. The score is the fraction of the
 box's columns that the mask covers times the fraction of its rows, multiplied by
-``fallback_score_factor`` when the ellipse fallback was used. It ranks masks better than a constant
-score (segm AP +1 to +2 on val2017), the fill fraction or the mask's mean probability.
+``fallback_score_factor`` when the ellipse fallback was used.
 """
 from __future__ import annotations
 
-from typing import Sequence
 
 import cv2
 import numpy as np
 
-from sim_model.box_to_mask import BoxToMask, BoxToMaskError
-from sim_model.engines.shape_prior import box_pixel_bounds, ellipse_mask
+from sim_model.box_to_mask import BoxToMask
+from sim_model.boxes import box_pixel_bounds
+from sim_model.engines.shape_prior import ellipse_mask
 
 
 class GrabCutBoxToMask(BoxToMask):
@@ -94,24 +89,19 @@ class GrabCutBoxToMask(BoxToMask):
         self.core_scale = float(core_scale)
         self.seed = int(seed)
 
-    def predict(self, image: np.ndarray, boxes: np.ndarray, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """See :meth:`BoxToMask.predict`.
+    def _predict(self, image: np.ndarray, boxes: np.ndarray, labels: list[str]) -> tuple[list[np.ndarray], np.ndarray]:
+        """GrabCut on each box (see :meth:`BoxToMask.predict`).
 
         Returns:
-            masks: (N, H, W) float32 foreground probabilities in [0, 1], 0 outside each box.
+            crops: N float32 foreground probabilities in [0, 1] over each box's pixel bounds;
             scores: (N,) float32 mask confidences in [0, 1] (see the module docstring).
-
-        Raises:
-            BoxToMaskError: malformed image/boxes/labels, or a box rejected by ``check_boxes``.
         """
-        boxes = self._check_inputs(image, boxes, labels)
-        hw = image.shape[:2]
         bgr = np.ascontiguousarray(image[:, :, ::-1])  # OpenCV's GrabCut models colours; order is irrelevant
-        masks = np.zeros((len(boxes),) + hw, np.float32)
-        scores = np.zeros(len(boxes), np.float32)
+        crops, scores = [], np.zeros(len(boxes), np.float32)
         for k, box in enumerate(boxes):
-            masks[k], scores[k] = self.segment_box(bgr, box)
-        return masks, scores
+            crop, scores[k] = self.segment_box(bgr, box)
+            crops.append(crop)
+        return crops, scores
 
     # -- one box ---------------------------------------------------------------------------------------
     def segment_box(self, bgr: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, float]:
@@ -119,14 +109,13 @@ class GrabCutBoxToMask(BoxToMask):
 
         Args:
             bgr: (H, W, 3) uint8 image.
-            box: (4,) float XYXY in pixels, already clipped to the image (``_check_inputs``).
+            box: (4,) float XYXY in pixels, already clipped to the image.
 
         Returns:
-            (H, W) float32 mask in [0, 1], zero outside the box; the score in [0, 1].
+            (r1 - r0, c1 - c0) float32 mask in [0, 1] over the box's pixel bounds
+            (:func:`sim_model.boxes.box_pixel_bounds`); the score in [0, 1].
         """
-        hw = bgr.shape[:2]
-        c0, r0, c1, r1 = box_pixel_bounds(box, hw)
-        ell = ellipse_mask(hw, box)[r0:r1, c0:c1].astype(np.float32)
+        ell = ellipse_mask(bgr.shape[:2], box).astype(np.float32)
         prob = self._grabcut_crop(bgr, box)
         fallback = prob is None or (prob >= self.mask_threshold).sum() < self.min_fill * prob.size
         if fallback:
@@ -136,12 +125,10 @@ class GrabCutBoxToMask(BoxToMask):
         fg = prob >= self.mask_threshold
         if not fg.any():  # possible only with prior_weight > 0.5
             prob, fg, fallback = ell, ell >= self.mask_threshold, True
-        full = np.zeros(hw, np.float32)
-        full[r0:r1, c0:c1] = prob
         score = float(fg.any(axis=0).mean() * fg.any(axis=1).mean())
         if fallback:
             score *= self.fallback_score_factor
-        return full, score
+        return prob.astype(np.float32), score
 
     def _grabcut_crop(self, bgr: np.ndarray, box: np.ndarray) -> np.ndarray | None:
         """GrabCut on the rescaled crop around ``box``.
@@ -168,13 +155,14 @@ class GrabCutBoxToMask(BoxToMask):
         bx = (x0 - cx0) * sx, (y0 - cy0) * sy, (x1 - cx0) * sx, (y1 - cy0) * sy
         wb = box_pixel_bounds(np.array(bx), (sh, sw))
         gc = np.full((sh, sw), cv2.GC_BGD, np.uint8)
+        in_box = gc[wb[1]:wb[3], wb[0]:wb[2]]  # a view: writes go to gc
         if self.init == "rect":
-            gc[wb[1]:wb[3], wb[0]:wb[2]] = cv2.GC_PR_FGD
+            in_box[:] = cv2.GC_PR_FGD
             if self.core_scale > 0:
-                gc[ellipse_mask((sh, sw), np.array(bx), self.core_scale)] = cv2.GC_FGD
+                in_box[ellipse_mask((sh, sw), np.array(bx), self.core_scale)] = cv2.GC_FGD
         else:
-            gc[wb[1]:wb[3], wb[0]:wb[2]] = cv2.GC_PR_BGD
-            gc[ellipse_mask((sh, sw), np.array(bx), self.prior_scale)] = cv2.GC_PR_FGD
+            in_box[:] = cv2.GC_PR_BGD
+            in_box[ellipse_mask((sh, sw), np.array(bx), self.prior_scale)] = cv2.GC_PR_FGD
         fgmask = (gc == cv2.GC_PR_FGD) | (gc == cv2.GC_FGD)
         if not fgmask.any() or fgmask.all():
             return None
@@ -195,4 +183,4 @@ class GrabCutBoxToMask(BoxToMask):
         return np.clip(back[r0 - cy0:r1 - cy0, c0 - cx0:c1 - cx0], 0.0, 1.0)
 
 
-__all__ = ["GrabCutBoxToMask", "BoxToMaskError"]
+__all__ = ["GrabCutBoxToMask"]
