@@ -1,4 +1,5 @@
-"""Model registry: ``<model dir>/<project>/<version>/`` with an atomically switched ``CURRENT`` pointer.
+"""Model registry: the model versions of each project on disk, the switch of the served one, and the
+retrain lock. The backend reads it; training writes it; this is the only module that knows its files.
 
 Layout::
 
@@ -7,16 +8,17 @@ Layout::
     <root>/<project>/<version>/classes.json   {"labels": ["cat", "dog", ...]}  (index = class id)
     <root>/<project>/<version>/metrics.json   validation metrics of this version
     <root>/<project>/<version>/train_log.txt  training log
-    <root>/<project>/CURRENT                  text: the served version name, replaced with os.replace
+    <root>/<project>/CURRENT                  text: the served version name, replaced atomically
     <root>/<project>/classes.json             the project's class map, stable across versions
-    <root>/<project>/scores.sqlite            S_k per (task, region, version), see training.scores
-    <root>/<project>/retrain.lock             flock-ed by the running retrain, see training.triggers
+    <root>/<project>/scores.sqlite            S_k per (task, region, version) (the retrain's scores)
+    <root>/<project>/retrain.lock             flock-ed by the running retrain (:class:`ProjectLock`)
     <root>/<project>/logs/                    logs of retrains started by the webhook
 
 Versions are named ``v0001``, ``v0002``… A version directory is written under a temporary name
 (``.v0002.tmp-<pid>``) and renamed into place when complete (:meth:`ModelRegistry.create_version`),
-so a reader never sees a half-written version; ``CURRENT`` is written to a temporary file and
-``os.replace``d, so the switch is atomic.
+so a reader never sees a half-written version; ``CURRENT`` and the JSON files are written with
+:func:`sim_model.files.atomic_write_text`, so every switch is atomic. Label Studio sees a version as
+the ``model_version`` string :func:`sim_model_version` (``sim-v0003``).
 
 Publishing rule (:meth:`ModelRegistry.publish`): the quality gate compares the box→mask mIoU on the
 project's annotator polygons (validation masks) of the new version with that of the engine served
@@ -27,40 +29,87 @@ missing or with ``n_masks == 0``), mask quality cannot be measured: the version 
 version is served yet, or when the served version was not validated either (both unchecked, the newer
 one has seen more boxes); it is kept but not served when the served version was validated on polygons,
 because an unchecked model must not replace a checked one. The reason is always returned.
+
+The retrain lock: ``<root>/<project>/retrain.lock``, held with ``fcntl.flock(LOCK_EX | LOCK_NB)`` by the
+process that runs the retrain (:class:`ProjectLock`). A process that starts a retrain for someone
+else (the backend's webhook) takes the lock *before* starting it and hands the locked descriptor over
+(:func:`adopt_lock`), so no second retrain can slip in between; the operating system releases the lock
+when the holder ends, also when it crashes or is killed (no stale lock files to clean up).
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
 import os
 import re
 import shutil
-import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from contextlib import contextmanager
+import numpy as np
+
+from sim_model.files import atomic_write_text
 
 CURRENT_FILE = "CURRENT"
-REQUIRED_FILES = ("model.pth", "config.yaml", "classes.json")
-CLASS_MAP_FILE = "classes.json"
+WEIGHTS_FILE = "model.pth"
+CONFIG_FILE = "config.yaml"
+CLASSES_FILE = "classes.json"
 METRICS_FILE = "metrics.json"
+TRAIN_LOG_FILE = "train_log.txt"
+REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE, CLASSES_FILE)
+LOCK_FILE = "retrain.lock"
+LOGS_DIR = "logs"
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 #: Key of the validation metric the gate compares (box→mask mean IoU on annotator polygons, in [0, 1]).
 GATE_METRIC = "mIoU"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (readers see old or new)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+class ModelVersionError(RuntimeError):
+    """A model version directory cannot be read (missing, unreadable or inconsistent file)."""
+
+
+def sim_model_version(version: str) -> str:
+    """The ``model_version`` Label Studio sees for a registry version, e.g. ``"v0003"`` → ``"sim-v0003"``."""
+    return f"sim-{version}"
+
+
+def read_classes(path: str | os.PathLike) -> list[str]:
+    """The labels of a ``classes.json`` (``{"labels": [...]}``; index = class id).
+
+    Raises:
+        ModelVersionError: unreadable, not that shape, or with duplicate labels.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelVersionError(f"{path}: cannot read the class list ({e.__class__.__name__}: {e})") from e
+    labels = data.get("labels") if isinstance(data, dict) else None
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise ModelVersionError(f'{path}: expected {{"labels": ["name", ...]}}, got {str(data)[:200]}')
+    if len(set(labels)) != len(labels):
+        raise ModelVersionError(f"{path}: duplicate labels in {labels}")
+    return labels
+
+
+def check_version_dir(path: str | os.PathLike) -> Path:
+    """A version directory that holds every file of :data:`REQUIRED_FILES`.
+
+    Raises:
+        ModelVersionError: the directory or one of its files is missing.
+    """
+    vdir = Path(path)
+    if not vdir.is_dir():
+        raise ModelVersionError(f"model version directory {vdir} does not exist")
+    missing = [f for f in REQUIRED_FILES if not (vdir / f).is_file()]
+    if missing:
+        raise ModelVersionError(f"model version {vdir} lacks {', '.join(missing)}")
+    return vdir
 
 
 @dataclass
@@ -143,6 +192,12 @@ class ModelRegistry:
         vdir = self.version_dir(project, version)
         return all((vdir / f).is_file() for f in REQUIRED_FILES)
 
+    def projects(self) -> list[str]:
+        """Names of the project folders under the root, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
     def set_current(self, project: int | str, version: str) -> None:
         """Atomically make ``version`` the served one.
 
@@ -153,9 +208,7 @@ class ModelRegistry:
         missing = [f for f in REQUIRED_FILES if not (vdir / f).is_file()]
         if missing:
             raise FileNotFoundError(f"version {version} of project {project} lacks {missing}")
-        tmp = self.project_dir(project) / f".{CURRENT_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(version + "\n")
-        os.replace(tmp, self.project_dir(project) / CURRENT_FILE)
+        atomic_write_text(self.project_dir(project) / CURRENT_FILE, version + "\n")
 
     def version_names(self, project: int | str) -> list[str]:
         """Names of the complete versions of ``project``, oldest first (temporary dirs excluded)."""
@@ -175,8 +228,8 @@ class ModelRegistry:
 
     def write_metrics(self, project: int | str, version: str, metrics: dict) -> None:
         """Atomically (re)write the version's ``metrics.json``."""
-        _atomic_write_text(self.version_dir(project, version) / METRICS_FILE,
-                           json.dumps(metrics, indent=2, sort_keys=True, default=_json_default))
+        atomic_write_text(self.version_dir(project, version) / METRICS_FILE,
+                          json.dumps(metrics, indent=2, sort_keys=True, default=_json_default))
 
     def list_versions(self, project: int | str) -> list[VersionInfo]:
         """Every complete version of ``project`` with its metrics, oldest first."""
@@ -249,7 +302,7 @@ class ModelRegistry:
     # ------------------------------------------------------------------ class map
     def class_map_path(self, project: int | str) -> Path:
         """Path of the project's persistent class map (``<root>/<project>/classes.json``)."""
-        return self.project_dir(project) / CLASS_MAP_FILE
+        return self.project_dir(project) / CLASSES_FILE
 
     def load_class_map(self, project: int | str) -> list[str]:
         """The project's labels in class-id order ([] before the first export).
@@ -258,10 +311,10 @@ class ModelRegistry:
         """
         p = self.class_map_path(project)
         if p.is_file():
-            return list(json.loads(p.read_text())["labels"])
+            return read_classes(p)
         cur = self.current_version(project)
         if cur:
-            return list(json.loads((self.version_dir(project, cur) / CLASS_MAP_FILE).read_text())["labels"])
+            return read_classes(self.version_dir(project, cur) / CLASSES_FILE)
         return []
 
     def update_class_map(self, project: int | str, labels: Iterable[str]) -> list[str]:
@@ -280,7 +333,7 @@ class ModelRegistry:
         new = sorted({str(l) for l in labels} - known)
         if new or not self.class_map_path(project).is_file():
             labels_now = labels_now + new
-            _atomic_write_text(self.class_map_path(project), json.dumps({"labels": labels_now}, indent=2))
+            atomic_write_text(self.class_map_path(project), json.dumps({"labels": labels_now}, indent=2))
         return labels_now
 
     # ------------------------------------------------------------------ publishing
@@ -353,58 +406,113 @@ def _finite(x) -> float | None:
 
 
 def _json_default(o):
-    try:
-        import numpy as np
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def _format_versions(project, infos: list[VersionInfo]) -> str:
-    """Table of versions: name, served mark, validation mIoU/AP, baseline mIoU, publish decision."""
-    lines = [f"project {project}: {len(infos)} version(s)",
-             f"{'':2}{'version':<8} {'val mIoU':>8} {'val AP':>7} {'served before':>13}  created / decision"]
-    for i in infos:
-        val, base, pub = i.metrics.get("val") or {}, i.metrics.get("baseline") or {}, i.metrics.get("publish") or {}
-        f = lambda d, k, fmt: (fmt % d[k]) if isinstance(d.get(k), (int, float)) else "-"  # noqa: E731
-        lines.append(f"{'*' if i.current else ' ':2}{i.name:<8} {f(val, 'mIoU', '%.4f'):>8} {f(val, 'AP', '%.1f'):>7} "
-                     f"{f(base, 'mIoU', '%.4f'):>13}  {i.metrics.get('created_at', '?')} "
-                     f"{pub.get('reason', '')}")
-    return "\n".join(lines)
+# ---------------------------------------------------------------------------------------- the retrain lock
+class LockHeld(RuntimeError):
+    """Another process holds the project's retrain lock."""
 
 
-def main(argv=None) -> int:
-    """``python -m training.registry --project ID [--model-dir DIR] [--set-current VERSION]``.
+class ProjectLock:
+    """The per-project retrain lock (an ``fcntl.flock`` on ``<model dir>/<project>/retrain.lock``).
 
-    Lists the project's versions (``*`` = served) with their validation figures and publish decisions;
-    ``--set-current`` switches ``CURRENT`` by hand (a rollback), bypassing the quality gate.
-    Exit codes: 0 done, 2 usage error, 3 unknown or incomplete version.
+    Args:
+        model_dir: registry root.
+        project: project id.
+
+    ``acquire()`` raises :class:`LockHeld` (with the holder's pid when known) instead of waiting.
+    The lock is released by ``release()``, by closing the descriptor, or by the end of the process.
     """
-    import argparse
 
-    p = argparse.ArgumentParser(prog="python -m training.registry", description=main.__doc__.split("\n\n")[0])
-    p.add_argument("--project", required=True)
-    p.add_argument("--model-dir", default=os.environ.get("MODEL_DIR", "./models"))
-    p.add_argument("--set-current", metavar="VERSION", default=None,
-                   help="serve this version now (rollback), without the quality gate")
-    args = p.parse_args(argv)
-    reg = ModelRegistry(args.model_dir)
-    if args.set_current:
+    def __init__(self, model_dir: str | os.PathLike, project: int | str):
+        self.path = Path(model_dir) / str(project) / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> "ProjectLock":
+        """Take the lock now, or raise :class:`LockHeld`."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            reg.set_current(args.project, args.set_current)
-        except FileNotFoundError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 3
-        print(f"project {args.project}: now serving {args.set_current}")
-    print(_format_versions(args.project, reg.list_versions(args.project)))
-    return 0
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise LockHeld(f"a retrain of project {self.path.parent.name} is already running "
+                               f"({self.holder_info() or 'holder unknown'})") from None
+            raise
+        self.fd = fd
+        self.write_holder(os.getpid())
+        return self
+
+    def write_holder(self, pid: int) -> None:
+        """Record the holder's pid and start time in the lock file (informational only)."""
+        if self.fd is None:
+            return
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps({"pid": pid, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                            time.gmtime())}).encode(), 0)
+
+    def holder_info(self) -> str:
+        """"pid N since T" of the holder as recorded in the lock file ("" when unknown)."""
+        try:
+            d = json.loads(self.path.read_text() or "{}")
+            return f"pid {d['pid']} since {d['since']}"
+        except (OSError, ValueError, KeyError):
+            return ""
+
+    def is_held(self) -> bool:
+        """Whether a process holds the lock now (probes with a non-blocking flock)."""
+        if self.fd is not None:
+            return True
+        if not self.path.exists():
+            return False
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # closing drops the probe's lock, if it got one
+        return False
+
+    def release(self) -> None:
+        """Release the lock (no-op when not held here)."""
+        if self.fd is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self.fd)
+                self.fd = None
+
+    def __enter__(self) -> "ProjectLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def adopt_lock(fd: int, model_dir: str | os.PathLike, project: int | str) -> ProjectLock:
+    """Wrap a locked descriptor inherited from the process that started this retrain (``--lock-fd``).
+
+    Raises:
+        LockHeld: the descriptor is not a lock on this project's lock file (it is checked by
+            re-locking it, which succeeds only for the holder's own open file description).
+    """
+    lock = ProjectLock(model_dir, project)
+    try:
+        st_fd, st_path = os.fstat(fd), os.stat(lock.path)
+        if (st_fd.st_dev, st_fd.st_ino) != (st_path.st_dev, st_path.st_ino):
+            raise LockHeld(f"--lock-fd {fd} is not {lock.path}")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no-op for the holder; fails for anyone else
+    except OSError as e:
+        raise LockHeld(f"--lock-fd {fd} does not hold {lock.path}: {e}") from None
+    lock.fd = fd
+    lock.write_holder(os.getpid())
+    return lock
