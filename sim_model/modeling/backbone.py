@@ -12,6 +12,7 @@ Both return features ``p3 … p7`` (strides 8 … 128) with ``MODEL.FPN.OUT_CHAN
 """
 from __future__ import annotations
 
+import importlib
 import logging
 
 import torch
@@ -19,6 +20,8 @@ from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
+from efficientnet_lite_pytorch import EfficientNet
+from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +43,6 @@ def efficientnet_lite_weights_path(name: str) -> str:
     if name not in _WEIGHT_PACKAGES:
         raise ValueError(f"unknown EfficientNet-Lite {name!r}; known: {sorted(_WEIGHT_PACKAGES)}")
     module_name, cls_name = _WEIGHT_PACKAGES[name]
-    import importlib
-
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:  # pragma: no cover - depends on the install
@@ -56,8 +57,6 @@ def _native_same_padding(module: torch.nn.Module) -> torch.nn.Module:
     identical, without the extra ``F.pad`` copy per conv (about 2x faster on a CPU). Stride-2 convs keep
     the package's dynamic (asymmetric) padding. The parameters are shared, not copied.
     """
-    from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
-
     for name, child in module.named_children():
         if isinstance(child, Conv2dDynamicSamePadding) and tuple(child.stride) == (1, 1) \
                 and child.kernel_size[0] % 2 == 1 and child.kernel_size[0] == child.kernel_size[1]:
@@ -90,8 +89,6 @@ class EfficientNetLite(Backbone):
     def __init__(self, name: str = "efficientnet_lite0", out_features=("res3", "res4", "res5"),
                  pretrained: bool = True, freeze_bn: bool = True, freeze_at: int = 0):
         super().__init__()
-        from efficientnet_lite_pytorch import EfficientNet
-
         model_name = name.replace("_", "-")
         # image_size=None: dynamic "same" padding, any input size.
         net = EfficientNet.from_name(model_name, image_size=None)

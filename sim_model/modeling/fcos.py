@@ -72,6 +72,25 @@ class HeadOutputs:
 
 
 @dataclass
+class Positives:
+    """Positive locations of a batch, one entry each.
+
+    Attributes:
+        image: (P,) long image index in the batch.
+        location: (P,) long location index (rows of :class:`HeadOutputs`).
+        object: (P,) long index of the assigned object in the concatenation of all images' objects.
+    """
+
+    image: torch.Tensor
+    location: torch.Tensor
+    object: torch.Tensor
+
+    def select(self, idx: torch.Tensor) -> "Positives":
+        """The positives at ``idx`` (long indices or a bool mask)."""
+        return Positives(self.image[idx], self.location[idx], self.object[idx])
+
+
+@dataclass
 class FCOSTargets:
     """Per-location training targets for a batch (flattened as image-major ``n * L + l``).
 
@@ -85,6 +104,11 @@ class FCOSTargets:
     labels: torch.Tensor
     reg_targets: torch.Tensor
     gt_inds: torch.Tensor
+
+    def positives(self, num_locations: int) -> Positives:
+        """The positive locations (``gt_inds >= 0``) as :class:`Positives`; ``num_locations`` = L per image."""
+        pos = torch.nonzero(self.gt_inds >= 0).squeeze(1)
+        return Positives(pos // num_locations, pos % num_locations, self.gt_inds[pos])
 
 
 def compute_locations(h: int, w: int, stride: int, device) -> torch.Tensor:

@@ -4,6 +4,7 @@ The mask branch turns FPN P3–P5 into the mask features Z: (N, D, H/8, W/8), D 
 code). The dynamic mask head runs, for each instance, a tiny fully convolutional network (3 layers of
 1x1 convs, 8 channels) whose weights are predicted by the FCOS controller, on Z concatenated with the
 coordinates relative to the instance's location; its output logits are upsampled by 2 to stride 4.
+:func:`sample_mask_positives` picks which positives' masks a training step computes.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from detectron2.layers import Conv2d, get_norm
 from torch import nn
 
-from .fcos import compute_locations
+from .fcos import HeadOutputs, Positives, compute_locations
 
 
 def aligned_bilinear(tensor: torch.Tensor, factor: int) -> torch.Tensor:
@@ -165,3 +166,43 @@ class DynamicMaskHead(nn.Module):
                 x = F.relu(x)
         logits = x.reshape(n_inst, 1, h, w)
         return aligned_bilinear(logits, factor)
+
+
+def sample_mask_positives(head: HeadOutputs, positives: Positives, topk_per_image: int,
+                          max_proposals: int = -1) -> torch.Tensor:
+    """Indices of the positives whose masks are trained (AdelaiDet's CondInst sampling).
+
+    ``max_proposals`` != -1: a random subset of that size (``MODEL.CONDINST.MAX_PROPOSALS``); else, per
+    image, at most ``topk_per_image / (objects in the image)`` positives per object, those with the highest
+    classification probability × centerness (``MODEL.CONDINST.TOPK_PROPOSALS_PER_IM``; -1 = all).
+
+    Args:
+        head: the student's FCOS outputs.
+        positives: every positive of the batch.
+        topk_per_image, max_proposals: see above.
+
+    Returns:
+        (P',) long indices into ``positives``.
+    """
+    im_inds, loc_inds, gt_inds = positives.image, positives.location, positives.object
+    n = im_inds.numel()
+    if max_proposals != -1 and n > max_proposals:
+        return torch.randperm(n, device=im_inds.device)[:max_proposals]
+    if topk_per_image == -1:
+        return torch.arange(n, device=im_inds.device)
+    keep = []
+    with torch.no_grad():
+        quality = head.logits[im_inds, loc_inds].sigmoid().max(dim=1).values * \
+            head.ctrness[im_inds, loc_inds].sigmoid()
+    for im in im_inds.unique().tolist():
+        in_im = torch.nonzero(im_inds == im).squeeze(1)
+        gts = gt_inds[in_im].unique()
+        per_gt = max(int(topk_per_image / len(gts)), 1)
+        for g in gts.tolist():
+            idx = in_im[gt_inds[in_im] == g]
+            if idx.numel() > per_gt:
+                idx = idx[quality[idx].topk(per_gt).indices]
+            keep.append(idx)
+    if not keep:
+        return torch.zeros(0, dtype=torch.long, device=im_inds.device)
+    return torch.cat(keep)

@@ -5,7 +5,9 @@ classes and mask scores S′ (Eq. 11). At each step an image is drawn from the b
 instances is drawn by importance sampling on S′ (:func:`sample_instances`), and they are pasted onto
 the batch image (:func:`paste_instances`): the batch image's objects lose the covered pixels, their
 boxes shrink to what remains, fully covered objects are dropped; the pasted instances carry their
-pseudo masks, on which alone the paste loss of Eq. 9 is computed.
+pseudo masks, on which alone the paste loss of Eq. 9 is computed. :func:`copy_paste_batch` does this for
+every image of a training batch, and :func:`paste_masks_on_grid` samples the pasted masks on the
+network's mask grid for the losses.
 
 The bank stores each instance as a crop (image pixels and mask inside the mask's bounding box) on the
 CPU, so its memory is bounded by ``capacity`` images × their instances' box areas, not full images.
@@ -23,49 +25,8 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import masks_to_boxes
 
-
-def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """Tight XYXY boxes in pixels of binary masks, covering whole pixels (x1 = last column + 1).
-
-    Args:
-        masks: (N, H, W) bool; every mask must have at least one pixel.
-
-    Returns:
-        (N, 4) float32 XYXY in pixels (detectron2's ``BitMasks.get_bounding_boxes`` convention).
-    """
-    if masks.shape[0] == 0:
-        return torch.zeros((0, 4), dtype=torch.float32, device=masks.device)
-    b = masks_to_boxes(masks).to(torch.float32)
-    b[:, 2:] += 1.0
-    return b
-
-
-def box_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Filled-box masks: every pixel the box touches, i.e. columns floor(x0)..ceil(x1)-1 and rows
-    floor(y0)..ceil(y1)-1, clipped to the image and at least one pixel wide and high — the same pixels
-    as :func:`sim_model.engines.shape_prior.box_mask`, batched on tensors.
-
-    Use these as ``target_masks`` of :func:`paste_instances` for box-supervised objects.
-
-    Args:
-        boxes: (N, 4) float XYXY in pixels.
-        height, width: image size in pixels.
-
-    Returns:
-        (N, H, W) bool.
-    """
-    b = boxes.to(torch.float32)
-    c0 = b[:, 0].floor().clamp(0, width - 1)
-    r0 = b[:, 1].floor().clamp(0, height - 1)
-    c1 = torch.maximum(b[:, 2].ceil().clamp(max=width), c0 + 1)
-    r1 = torch.maximum(b[:, 3].ceil().clamp(max=height), r0 + 1)
-    ys = torch.arange(height, dtype=torch.float32, device=b.device)
-    xs = torch.arange(width, dtype=torch.float32, device=b.device)
-    in_y = (ys[None, :] >= r0[:, None]) & (ys[None, :] < r1[:, None])  # (N, H)
-    in_x = (xs[None, :] >= c0[:, None]) & (xs[None, :] < c1[:, None])  # (N, W)
-    return in_y[:, :, None] & in_x[:, None, :]
+from sim_model.boxes import box_masks, mask_boxes
 
 
 @dataclass
@@ -264,7 +225,7 @@ def paste_instances(image: torch.Tensor, target_masks: torch.Tensor, target_boxe
     Args:
         image: (3, H, W) target image (any dtype; crops are cast to it).
         target_masks: (N, H, W) bool masks of the image's objects (for box-only objects, filled boxes
-            from :func:`box_masks`).
+            from :func:`sim_model.boxes.box_masks`).
         target_boxes: (N, 4) float XYXY pixels of those objects.
         image_crops: K tensors (3, h_k, w_k), pixels of the instances to paste.
         mask_crops: K bool tensors (h_k, w_k), their pseudo masks.
@@ -395,3 +356,96 @@ def copy_paste(bank: MemoryBank, image: torch.Tensor, target_masks: torch.Tensor
     sel = torch.tensor(idx, dtype=torch.long)
     return paste_instances(image, target_masks, target_boxes, crops, mcrops, offsets_t,
                            entry.classes[sel], entry.scores[sel], min_visible_pixels=min_visible_pixels)
+
+
+@dataclass
+class PastedBatch:
+    """A training batch after :func:`copy_paste_batch` (lists with one entry per image).
+
+    Attributes:
+        images: (3, H_i, W_i) images with the pastes.
+        boxes: (M_i, 4) float32 XYXY px: the image's own objects that stay visible (boxes shrunk to
+            what remains), then the pasted instances.
+        classes: (M_i,) long class ids, same order.
+        is_pasted: (M_i,) bool, True for the pasted instances.
+        paste_masks: (K_i, H_i, W_i) bool pseudo masks of the pasted instances (the last K_i objects).
+    """
+
+    images: list[torch.Tensor]
+    boxes: list[torch.Tensor]
+    classes: list[torch.Tensor]
+    is_pasted: list[torch.Tensor]
+    paste_masks: list[torch.Tensor]
+
+
+def copy_paste_batch(bank: MemoryBank, images: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor],
+                     classes: Sequence[torch.Tensor], fraction: float, min_instances: int, max_instances: int,
+                     min_visible_pixels: int = 1, generator: torch.Generator | None = None) -> PastedBatch:
+    """SIM's online copy-paste (§3.3) on every image of a batch of box-supervised objects.
+
+    Each image's objects are their filled boxes (:func:`sim_model.boxes.box_masks`); :func:`copy_paste`
+    pastes bank instances on top. An image stays as it is when the bank is empty.
+
+    Args:
+        bank: the memory bank.
+        images: N tensors (3, H, W).
+        boxes: N tensors (M, 4) float XYXY px; classes: N tensors (M,) long.
+        fraction, min_instances, max_instances, min_visible_pixels: see :func:`copy_paste`.
+        generator: torch.Generator (CPU) making the draws reproducible.
+
+    Returns:
+        :class:`PastedBatch`.
+    """
+    out = PastedBatch([], [], [], [], [])
+    for img, b, c in zip(images, boxes, classes):
+        h, w = img.shape[1:]
+        res = copy_paste(bank, img, box_masks(b, h, w), b, fraction, min_instances, max_instances,
+                         min_visible_pixels, generator=generator)
+        if res is None:
+            out.images.append(img)
+            out.boxes.append(b)
+            out.classes.append(c)
+            out.is_pasted.append(torch.zeros(b.shape[0], dtype=torch.bool, device=b.device))
+            out.paste_masks.append(torch.zeros((0, h, w), dtype=torch.bool, device=b.device))
+            continue
+        out.images.append(res.image)
+        out.boxes.append(torch.cat([res.target_boxes, res.pasted_boxes.to(b.device)]))
+        out.classes.append(torch.cat([c[res.target_keep], res.pasted_classes.to(c.device)]))
+        out.is_pasted.append(torch.cat([torch.zeros(res.target_boxes.shape[0], dtype=torch.bool),
+                                        torch.ones(res.pasted_boxes.shape[0], dtype=torch.bool)]).to(b.device))
+        out.paste_masks.append(res.pasted_masks)
+    return out
+
+
+def paste_masks_on_grid(paste_masks: Sequence[torch.Tensor], is_pasted: Sequence[torch.Tensor],
+                        grid_hw: tuple[int, int], stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pasted instances' masks sampled on the network's mask grid (pixel centres ``stride // 2 + k·stride``).
+
+    Args:
+        paste_masks: N tensors (K_i, H_i, W_i) bool (:attr:`PastedBatch.paste_masks`).
+        is_pasted: N tensors (M_i,) bool (:attr:`PastedBatch.is_pasted`); the K_i pasted objects are the
+            last of the M_i.
+        grid_hw: (Hm, Wm) of the mask grid (padded input size / ``stride``).
+        stride: the mask-output stride (4).
+
+    Returns:
+        covered: (N, Hm, Wm) bool, the grid cells of each image covered by a pasted instance;
+        paste_grid: (Σ M_i, Hm, Wm) float {0, 1}, the mask of every object of the batch on the grid
+        (zero for the images' own objects).
+    """
+    hm, wm = grid_hw
+    device = is_pasted[0].device if len(is_pasted) else torch.device("cpu")
+    covered = torch.zeros((len(paste_masks), hm, wm), dtype=torch.bool, device=device)
+    paste_grid = torch.zeros((sum(int(p.numel()) for p in is_pasted), hm, wm), device=device)
+    start = stride // 2
+    offset = 0
+    for i, (pm, pasted) in enumerate(zip(paste_masks, is_pasted)):
+        n_real = int((~pasted).sum())
+        if pm.shape[0]:
+            full = torch.zeros((pm.shape[0], hm * stride, wm * stride), dtype=torch.bool, device=device)
+            full[:, : pm.shape[1], : pm.shape[2]] = pm.to(device)
+            grid = full[:, start::stride, start::stride]
+            covered[i] = grid.any(dim=0)
+            paste_grid[offset + n_real: offset + n_real + pm.shape[0]] = grid.float()
+        offset += int(pasted.numel())
+    return covered, paste_grid

@@ -1,6 +1,9 @@
 """SIM's pseudo masks: instance map, rectification, thresholds, pseudo-mask loss and mask score.
 
-One function per equation of SIM (CVPR 2023, §3.2.2 and supplement §6.1):
+One function per equation of SIM (CVPR 2023, §3.2.2 and supplement §6.1), and
+:func:`sim_pseudo_masks`, the chain Eq. 6 → 1 → 7 → 8 → 11 that turns an object's positives into its
+pseudo mask: the training step builds its pseudo labels with it on the mask grid, and the SIM engine
+builds its answer with it in image pixels.
 
 - :func:`positive_weights` — Eq. 6, ``w_pos = exp(µ·IoU(pred box, gt box))`` normalised over the
   object's positives;
@@ -16,12 +19,15 @@ Config keys (``sim_model/config.py``): ``MODEL.SIM.INSTANCE_MAP_MU`` (µ, paper 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
-#: Smoothing term of the Dice loss (AdelaiDet's ``dice_coefficient``).
-DICE_EPS = 1e-5
+from sim_model.losses.dice import dice_loss
+from sim_model.sim.prototypes import ClassPrototypes
 
 
 def positive_weights(pred_boxes: torch.Tensor, gt_box: torch.Tensor, mu: float) -> torch.Tensor:
@@ -162,9 +168,7 @@ def pseudo_mask_loss(mask_logits: torch.Tensor, target: torch.Tensor, weight: to
         return mask_logits.sum() * 0
     logits, t, w, kept = logits[has], t[has], w[has], kept[has]
     bce = (F.binary_cross_entropy_with_logits(logits, t, reduction="none") * w).sum(dim=1) / kept
-    p = torch.sigmoid(logits) * w
-    tw = t * w
-    dice = 1.0 - 2.0 * (p * tw).sum(dim=1) / ((p * p).sum(dim=1) + (tw * tw).sum(dim=1) + DICE_EPS)
+    dice = dice_loss(torch.sigmoid(logits) * w, t * w)
     return (bce_weight * bce + dice_weight * dice).mean()
 
 
@@ -190,3 +194,89 @@ def mask_score(m_prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     n = fg.sum(dim=1)
     s = (p * fg.to(p.dtype)).sum(dim=1) / n.clamp_min(1).to(p.dtype)
     return s[0] if single else s
+
+
+@dataclass
+class PseudoMasks:
+    """SIM's pseudo masks of K objects (:func:`sim_pseudo_masks`).
+
+    Attributes:
+        instance_map: (K, Hg, Wg) float M_I on the mask grid (Eq. 6).
+        prob: (K, h, w) float M̂_prob (Eq. 7), resampled to the output grid and restricted to the region.
+        target: (K, h, w) float {0, 1} pseudo mask M̂ (Eq. 8).
+        weight: (K, h, w) float {0, 1} loss weight W, 0 on ambiguous pixels (Eq. 8).
+        score: (K,) float mask score S_k (Eq. 11).
+    """
+
+    instance_map: torch.Tensor
+    prob: torch.Tensor
+    target: torch.Tensor
+    weight: torch.Tensor
+    score: torch.Tensor
+
+
+def sim_pseudo_masks(pos_probs: torch.Tensor, pos_boxes: torch.Tensor, pos_object: torch.Tensor,
+                     gt_boxes: torch.Tensor, features: torch.Tensor, class_ids: torch.Tensor,
+                     prototypes: ClassPrototypes | None, *, mu: float, alpha: float, tau: float, tau_low: float,
+                     tau_high: float, region: torch.Tensor | None = None,
+                     resample: Callable[[torch.Tensor], torch.Tensor] | None = None) -> PseudoMasks:
+    """SIM's pseudo-mask chain for K objects (§3.2.2): Eq. 6 → 1 → 7 → 8 → 11.
+
+    1. M_I (Eq. 6, :func:`positive_weights`, :func:`instance_map`): the masks of object k's positives
+       (``pos_object == k``) weighted by softmax(µ·IoU(positive's box, object's box)); 0 without positives.
+    2. M_S (Eq. 1, :meth:`ClassPrototypes.semantic_map`): the object's class prototypes against the
+       features. A class without prototypes (never updated, an unknown label ``class_id < 0``, or
+       ``prototypes`` None) has no M_S.
+    3. M̂_prob = (1 − α)·M_S + α·M_I (Eq. 7, :func:`rectify`), M_I alone where M_S is missing.
+    4. ``resample`` (e.g. from the mask grid to image pixels), then × ``region`` (where the object may lie).
+    5. M̂ and W from τ_low / τ_high (Eq. 8, :func:`threshold_pseudo_mask`), S_k (Eq. 11, :func:`mask_score`).
+
+    Args:
+        pos_probs: (P, Hg, Wg) float mask probabilities of the positive locations on the mask grid.
+        pos_boxes: (P, 4) float XYXY pixels, the boxes regressed at the positives.
+        pos_object: (P,) long, the object each positive belongs to (-1: none of these K objects).
+        gt_boxes: (K, 4) float XYXY pixels of the objects (same frame as ``pos_boxes``).
+        features: (D, Hg, Wg) features of one image shared by all objects, or (K, D, Hg, Wg) per object;
+            L2-normalised along D (the mask features Z, from the momentum teacher in training).
+        class_ids: (K,) long class ids, -1 for a label the model does not know.
+        prototypes: the class prototypes, or None (no M_S).
+        mu: µ of Eq. 6 (``MODEL.SIM.INSTANCE_MAP_MU``, paper 5.0).
+        alpha: α of Eq. 7 (``MODEL.SIM.RECTIFY_ALPHA``, paper 0.5).
+        tau: τ of Eq. 1 (``MODEL.SIM.PROTOTYPES.TEMPERATURE``, paper 1.0).
+        tau_low, tau_high: thresholds of Eq. 8 (``MODEL.SIM.THRESH_LOW`` / ``THRESH_HIGH``, 0.3 / 0.7).
+        region: (K, h, w) float {0, 1} on the output grid; None = everywhere.
+        resample: maps (K, Hg, Wg) maps to the (K, h, w) output grid; None = the mask grid itself.
+
+    Returns:
+        :class:`PseudoMasks`.
+
+    Raises:
+        ValueError: shapes that disagree.
+    """
+    k = gt_boxes.shape[0]
+    if pos_probs.dim() != 3 or pos_boxes.shape != (pos_probs.shape[0], 4) or pos_object.shape != (pos_probs.shape[0],):
+        raise ValueError(f"positives disagree: probs {tuple(pos_probs.shape)}, boxes {tuple(pos_boxes.shape)}, "
+                         f"objects {tuple(pos_object.shape)}")
+    if class_ids.shape != (k,):
+        raise ValueError(f"{k} objects but class ids of shape {tuple(class_ids.shape)}")
+    grid = pos_probs.shape[1:]
+    m_i = pos_probs.new_zeros((k,) + tuple(grid))
+    for obj in range(k):
+        sel = pos_object == obj
+        if bool(sel.any()):
+            m_i[obj] = instance_map(pos_probs[sel], positive_weights(pos_boxes[sel], gt_boxes[obj], mu))
+    m_s = torch.zeros_like(m_i)
+    valid = torch.zeros(k, dtype=torch.bool, device=m_i.device)
+    known = torch.nonzero(class_ids >= 0).squeeze(1)
+    if prototypes is not None and known.numel():
+        z = features if features.dim() == 3 else features[known]
+        ms_k, valid_k = prototypes.semantic_map(z, class_ids[known].to(prototypes.prototypes.device), tau)
+        m_s[known] = ms_k.to(m_s.device, m_s.dtype)
+        valid[known] = valid_k.to(valid.device)
+    prob = rectify(m_s, m_i, alpha, valid)
+    if resample is not None:
+        prob = resample(prob)
+    if region is not None:
+        prob = prob * region
+    target, weight = threshold_pseudo_mask(prob, tau_low, tau_high)
+    return PseudoMasks(instance_map=m_i, prob=prob, target=target, weight=weight, score=mask_score(prob, target))

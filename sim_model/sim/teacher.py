@@ -2,13 +2,22 @@
 
 The teacher produces the mask features Z′ and the masks from which SIM's pseudo masks are built; it is
 never trained by gradients. Config key: ``MODEL.SIM.TEACHER.MOMENTUM`` (paper 0.9999).
+
+Besides :class:`MomentumTeacher` itself: :func:`teacher_pass` (the teacher's pass of a training step,
+reusing the student's frozen backbone trunk; the student's own detached outputs without a teacher) and
+:func:`drop_mismatched_teacher_keys` (loading a checkpoint whose teacher has other shapes).
 """
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 from torch import nn
+
+from sim_model.modeling.network import CondInstNet, NetOutputs
+
+log = logging.getLogger(__name__)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -89,3 +98,85 @@ class MomentumTeacher(nn.Module):
     def forward(self, *args, **kwargs):
         """Run the teacher model without gradients."""
         return self.model(*args, **kwargs)
+
+
+@torch.no_grad()
+def teacher_pass(teacher: MomentumTeacher | None, images: torch.Tensor, student_out: NetOutputs,
+                 trunk=None) -> NetOutputs:
+    """Z′ and the masks for pseudo labels: the teacher's pass, or the student's (detached) without teacher.
+
+    Args:
+        teacher: the momentum teacher (None: ``MODEL.SIM.TEACHER.ENABLED`` off).
+        images: (N, 3, Hp, Wp) float normalised batch that the student saw.
+        student_out: the student's pass on it.
+        trunk: the student's frozen-backbone output (EfficientNet-Lite with ``FREEZE_AT`` > 0, recorded
+            by its ``record_trunk``). The frozen stages are never trained, so the teacher's EMA copy of
+            them equals the student's, and the teacher starts its pass after them.
+
+    Returns:
+        :class:`~sim_model.modeling.network.NetOutputs` without class logits (the teacher skips them).
+    """
+    if teacher is None:
+        return student_out.detach()
+    bottom_up = getattr(teacher.model.backbone, "bottom_up", None)
+    if trunk is not None and bottom_up is not None:
+        bottom_up.trunk_input = trunk
+    try:
+        return teacher.model(images, with_cls=False)
+    finally:
+        if bottom_up is not None:
+            bottom_up.trunk_input = None
+
+
+def teacher_net(teacher: MomentumTeacher | None, student: CondInstNet) -> CondInstNet:
+    """The network whose outputs :func:`teacher_pass` returned: the teacher copy, else the student."""
+    return teacher.model if teacher is not None else student
+
+
+def drop_mismatched_teacher_keys(state_dict: dict, teacher_state: dict, prefix: str) -> list[str]:
+    """Remove the checkpoint's teacher tensors whose shape differs from this model's teacher (in place).
+
+    A checkpoint trained with another number of classes then still loads (detectron2 skips the
+    student's mismatched tensors the same way), with a warning per tensor.
+
+    Args:
+        state_dict: the state dict being loaded (keys ``<prefix>teacher.…``).
+        teacher_state: this model's teacher state dict with the same key prefix.
+        prefix: the module prefix of the load.
+
+    Returns:
+        The dropped keys.
+    """
+    dropped = []
+    for k in [k for k in state_dict if k.startswith(prefix + "teacher.")]:
+        if k in teacher_state and tuple(teacher_state[k].shape) != tuple(state_dict[k].shape):
+            log.warning("Skip loading %s: shape %s in the checkpoint, %s in the model", k,
+                        tuple(state_dict[k].shape), tuple(teacher_state[k].shape))
+            del state_dict[k]
+            dropped.append(k)
+    return dropped
+
+
+def student_pass(student: CondInstNet, images: torch.Tensor, record_trunk: bool) -> tuple[NetOutputs, object]:
+    """The student's pass of a training step, keeping its frozen backbone trunk for :func:`teacher_pass`.
+
+    Args:
+        student: the trained network.
+        images: (N, 3, Hp, Wp) float normalised batch.
+        record_trunk: keep the trunk (only when a teacher pass follows and the backbone has frozen stages:
+            EfficientNet-Lite's ``num_frozen_blocks`` > 0; other backbones never record).
+
+    Returns:
+        (outputs, trunk) where trunk is None unless recorded.
+    """
+    bottom_up = getattr(student.backbone, "bottom_up", None)
+    record = record_trunk and getattr(bottom_up, "num_frozen_blocks", 0) > 0
+    if not record:
+        return student(images), None
+    bottom_up.record_trunk = True
+    try:
+        out = student(images)
+    finally:
+        bottom_up.record_trunk = False
+    trunk, bottom_up.last_trunk = bottom_up.last_trunk, None
+    return out, trunk

@@ -1,0 +1,262 @@
+"""The CondInst meta-architecture trained from boxes: BoxInst's box losses and, optionally, SIM (CVPR 2023).
+
+``CondInst`` is registered in detectron2's ``META_ARCH_REGISTRY`` (importing this module registers it and
+the backbones) and configured by :func:`sim_model.config.add_sim_config`. Like detectron2's
+``GeneralizedRCNN`` it only wires parts together:
+
+- the network (:mod:`sim_model.modeling.network`): backbone + FPN, FCOS head, mask branch, dynamic head;
+- BoxInst's losses (:mod:`sim_model.losses.boxinst`), prepared once per batch;
+- SIM (:mod:`sim_model.sim`): momentum teacher, prototypes, copy-paste and its losses.
+
+In training ``forward`` returns a dict of ``loss_*`` scalars:
+
+- always: ``loss_fcos_cls``, ``loss_fcos_loc``, ``loss_fcos_ctr`` (FCOS), ``loss_prj`` (BoxInst
+  projection), ``loss_pairwise`` (BoxInst pairwise, linear warm-up);
+- with ``MODEL.SIM.ENABLED``: ``loss_pseudo`` (λ1·L_pseudo, SIM Eq. 8) if
+  ``MODEL.SIM.PSEUDO_LOSS.ENABLED`` and ``loss_paste`` (λ2·L_paste, Eq. 9) if
+  ``MODEL.SIM.COPY_PASTE.ENABLED``; both are 0 until ``MODEL.SIM.WARMUP_ITERS`` (the gate).
+
+In eval mode it returns detectron2-style ``[{"instances": Instances}]`` with ``pred_boxes``,
+``scores``, ``pred_classes`` and ``pred_masks`` (bool, output resolution): a free-running instance
+segmenter that never uses the teacher. The box→mask queries of the SIM engine are in
+:mod:`sim_model.modeling.box_queries`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import nn
+
+import sim_model.modeling.backbone  # noqa: F401  (registers the backbones)
+from sim_model.config import BoxInstSettings, SIMSettings
+from sim_model.losses.boxinst import boxinst_losses, feature_similarity, prepare_boxinst_targets
+from sim_model.modeling.box_queries import ImageFeatures
+from sim_model.modeling.mask_head import aligned_bilinear, sample_mask_positives
+from sim_model.modeling.network import CondInstNet, build_condinst_net
+from sim_model.sim.copy_paste import MemoryBank, copy_paste_batch
+from sim_model.sim.losses import SIMBatch, sim_losses
+from sim_model.sim.prototypes import ClassPrototypes
+from sim_model.sim.teacher import (MomentumTeacher, drop_mismatched_teacher_keys, student_pass, teacher_net,
+                                   teacher_pass)
+
+
+@META_ARCH_REGISTRY.register()
+class CondInst(nn.Module):
+    """CondInst trained from boxes with BoxInst's losses and, optionally, SIM (module docstring).
+
+    Submodules: ``net`` (:class:`~sim_model.modeling.network.CondInstNet`, the student), ``teacher``
+    (:class:`~sim_model.sim.teacher.MomentumTeacher` over ``net``; created at the first SIM training step
+    or when a checkpoint containing ``teacher.*`` is loaded; None otherwise), ``prototypes``
+    (:class:`~sim_model.sim.prototypes.ClassPrototypes`, when SIM is enabled). Buffer ``iteration``:
+    training steps taken, drives the warm-ups, restored by checkpoints. ``memory_bank``
+    (:class:`~sim_model.sim.copy_paste.MemoryBank`, not a module: the trainer registers it as a
+    checkpointable).
+
+    Args:
+        net: the student network.
+        pixel_mean, pixel_std: input normalisation (``MODEL.PIXEL_MEAN/STD``), per channel.
+        input_format: channel order of the input images (``INPUT.FORMAT``, "RGB" or "BGR").
+        size_divisibility: images are padded to a multiple of this (``MODEL.CONDINST.SIZE_DIVISIBILITY``).
+        mask_out_stride: stride of the mask logits (``MODEL.CONDINST.MASK_OUT_STRIDE``, 4).
+        topk_proposals_per_im, max_proposals: positives whose masks are trained
+            (:func:`~sim_model.modeling.mask_head.sample_mask_positives`).
+        num_classes: C (``MODEL.FCOS.NUM_CLASSES``).
+        mask_threshold: foreground threshold of the free-running inference
+            (``MODEL.CONDINST.INFERENCE_MASK_THRESH``).
+        boxinst, sim: :class:`~sim_model.config.BoxInstSettings`, :class:`~sim_model.config.SIMSettings`.
+        seed: seed of the prototypes' initialisation and of copy-paste's draws (``SEED``, at least 0).
+    """
+
+    @configurable
+    def __init__(self, *, net: CondInstNet, pixel_mean: Sequence[float], pixel_std: Sequence[float],
+                 input_format: str, size_divisibility: int, mask_out_stride: int, topk_proposals_per_im: int,
+                 max_proposals: int, num_classes: int, mask_threshold: float, boxinst: BoxInstSettings,
+                 sim: SIMSettings, seed: int):
+        super().__init__()
+        self.net = net
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self.input_format = input_format
+        self.size_divisibility = size_divisibility
+        self.mask_out_stride = mask_out_stride
+        self.topk_proposals_per_im = topk_proposals_per_im
+        self.max_proposals = max_proposals
+        self.num_classes = num_classes
+        self.mask_threshold = mask_threshold
+        self.boxinst = boxinst
+        self.sim = sim
+        self.teacher: MomentumTeacher | None = None
+        self.prototypes: ClassPrototypes | None = None
+        self.memory_bank: MemoryBank | None = None
+        self._generator = torch.Generator().manual_seed(seed)
+        if sim.enabled:
+            self.prototypes = ClassPrototypes(num_classes, sim.num_prototypes, net.mask_head.in_channels,
+                                              sim.prototype_momentum, seed=seed)
+            self.memory_bank = MemoryBank(sim.bank_size, max_side=sim.max_bank_side)
+        self._register_load_state_dict_pre_hook(self._build_teacher_before_load)
+
+    @classmethod
+    def from_config(cls, cfg):
+        c = cfg.MODEL.CONDINST
+        return {
+            "net": build_condinst_net(cfg),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "input_format": cfg.INPUT.FORMAT,
+            "size_divisibility": c.SIZE_DIVISIBILITY,
+            "mask_out_stride": c.MASK_OUT_STRIDE,
+            "topk_proposals_per_im": c.TOPK_PROPOSALS_PER_IM,
+            "max_proposals": c.MAX_PROPOSALS,
+            "num_classes": cfg.MODEL.FCOS.NUM_CLASSES,
+            "mask_threshold": c.INFERENCE_MASK_THRESH,
+            "boxinst": BoxInstSettings.from_cfg(cfg),
+            "sim": SIMSettings.from_cfg(cfg),
+            "seed": max(int(cfg.SEED), 0),
+        }
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The student's backbone (detectron2 convention)."""
+        return self.net.backbone
+
+    def _build_teacher_before_load(self, state_dict, prefix, *args):
+        """Load pre-hook: a checkpoint holding ``teacher.*`` gets a teacher to load into; its tensors of
+        another shape are dropped with a warning (:func:`~sim_model.sim.teacher.drop_mismatched_teacher_keys`)."""
+        if not any(k.startswith(prefix + "teacher.") for k in state_dict):
+            return
+        if self.teacher is None:
+            self._init_teacher()
+        drop_mismatched_teacher_keys(state_dict, self.teacher.state_dict(prefix=prefix + "teacher."), prefix)
+
+    def _init_teacher(self) -> None:
+        self.teacher = MomentumTeacher(self.net, self.sim.teacher_momentum).to(self.device)
+
+    def _to_rgb(self, image: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) in ``input_format`` -> float RGB [0, 255]."""
+        image = image.float()
+        return image.flip(0) if self.input_format == "BGR" else image
+
+    def preprocess_image(self, images: Sequence[torch.Tensor]) -> ImageList:
+        """Normalise (``MODEL.PIXEL_MEAN/STD``) and pad to ``size_divisibility``."""
+        images = [(x.to(self.device).float() - self.pixel_mean) / self.pixel_std for x in images]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batched_inputs: list[dict]):
+        """detectron2 interface: training -> dict of losses; eval -> list of {"instances": Instances}."""
+        if not self.training:
+            return self.inference(batched_inputs)
+        return self.losses(batched_inputs)
+
+    def losses(self, batched_inputs: list[dict]) -> dict[str, torch.Tensor]:
+        """One training step's losses (module docstring); advances the ``iteration`` buffer by one.
+
+        Args:
+            batched_inputs: detectron2 dataset dicts with ``image`` ((3, H, W) uint8 in ``input_format``)
+                and ``instances`` (``gt_boxes`` XYXY px, ``gt_classes``).
+        """
+        it = int(self.iteration.item())
+        s = self.sim
+        sim_on = s.enabled and it >= s.warmup_iters
+        if s.enabled and s.teacher:
+            if self.teacher is None:
+                self._init_teacher()
+            elif it > 0:
+                self.teacher.update(self.net)  # EMA after the previous optimizer step (SIM §3.4)
+
+        raw = [x["image"].to(self.device) for x in batched_inputs]
+        gts = [x["instances"].to(self.device) for x in batched_inputs]
+        boxes = [g.gt_boxes.tensor.float() for g in gts]
+        classes = [g.gt_classes.long() for g in gts]
+        is_pasted = [torch.zeros(b.shape[0], dtype=torch.bool, device=self.device) for b in boxes]
+        paste_masks = [torch.zeros((0,) + tuple(x.shape[1:]), dtype=torch.bool, device=self.device) for x in raw]
+        if sim_on and s.copy_paste and self.memory_bank is not None and len(self.memory_bank) > 0:
+            pasted = copy_paste_batch(self.memory_bank, raw, boxes, classes, s.paste_fraction, s.paste_min,
+                                      s.paste_max, s.min_visible_pixels, generator=self._generator)
+            raw, boxes, classes = pasted.images, pasted.boxes, pasted.classes
+            is_pasted, paste_masks = pasted.is_pasted, pasted.paste_masks
+
+        images = self.preprocess_image(raw)
+        rgb = ImageList.from_tensors([self._to_rgb(x) for x in raw], self.size_divisibility)
+        b = self.boxinst
+        prep = prepare_boxinst_targets(rgb.tensor, images.image_sizes, boxes, self.mask_out_stride,
+                                       b.kernel_size, b.dilation, b.bottom_pixels_removed, b.sigma_scale)
+        out, trunk = student_pass(self.net, images.tensor, record_trunk=sim_on and self.teacher is not None)
+        fcos = self.net.fcos
+        targets = fcos.assign_targets(out.head, boxes, classes)
+        losses = fcos.losses(out.head, targets)
+
+        positives = targets.positives(out.head.locations.shape[0])
+        trained = positives.select(sample_mask_positives(out.head, positives, self.topk_proposals_per_im,
+                                                         self.max_proposals))
+        mask_logits = self.net.mask_logits(out, trained.image, trained.location)  # (P, 1, Hm, Wm)
+        box_grid_masks = torch.cat(prep["box_masks"])  # (M, Hm, Wm)
+        affinity = prep["color_similarity"][trained.image]
+        thresh = b.color_thresh
+        t_out = teacher_pass(self.teacher, images.tensor, out, trunk) if sim_on else None
+        if sim_on and s.teacher_affinity:
+            z = torch.nn.functional.normalize(aligned_bilinear(t_out.mask_feats, 2), dim=1)
+            affinity = affinity * feature_similarity(z, b.kernel_size, b.dilation)[trained.image]
+            thresh = s.affinity_thresh
+        losses.update(boxinst_losses(mask_logits, box_grid_masks[trained.object][:, None], affinity, thresh, it, b))
+
+        if s.enabled:
+            zero = mask_logits.sum() * 0
+            if s.pseudo_loss:
+                losses["loss_pseudo"] = zero
+            if s.copy_paste:
+                losses["loss_paste"] = zero
+            if sim_on:
+                batch = SIMBatch(raw, boxes, classes, is_pasted, paste_masks, box_grid_masks)
+                losses.update(sim_losses(s, batch, positives, trained, mask_logits,
+                                         teacher_net(self.teacher, self.net), t_out, self.mask_out_stride,
+                                         self.prototypes, self.memory_bank))
+        with torch.no_grad():
+            self.iteration += 1
+        return losses
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def inference(self, batched_inputs: list[dict], do_postprocess: bool = True) -> list[dict]:
+        """Free-running instance segmentation (student only).
+
+        Returns:
+            one ``{"instances": Instances}`` per input at the requested output size (``height``/``width``
+            of the input dict, default the input image size) with ``pred_boxes`` (Boxes, XYXY px),
+            ``scores`` (K,), ``pred_classes`` (K,), ``pred_masks`` (K, H, W) bool.
+        """
+        images = self.preprocess_image([x["image"] for x in batched_inputs])
+        out = self.net(images.tensor)
+        results = []
+        for i, x in enumerate(batched_inputs):
+            h, w = images.image_sizes[i]
+            det = self.net.fcos.detect_single(out.head, i, (h, w))
+            loc = det["loc_index"]
+            logits = self.net.mask_logits(out, torch.full_like(loc, i), loc)[:, 0]
+            oh, ow = (x.get("height", h), x.get("width", w)) if do_postprocess else (h, w)
+            feats = ImageFeatures(out=out, net=self.net, mask_features=out.mask_feats[i], image_size=(h, w),
+                                  padded_size=tuple(images.tensor.shape[-2:]), mask_stride=self.mask_out_stride)
+            probs = feats.to_image(logits.sigmoid(), (oh, ow))
+            inst = Instances((oh, ow))
+            bx = det["boxes"].clone()
+            bx[:, 0::2] *= ow / w
+            bx[:, 1::2] *= oh / h
+            inst.pred_boxes = Boxes(bx)
+            inst.scores = det["scores"]
+            inst.pred_classes = det["classes"]
+            inst.pred_masks = probs >= self.mask_threshold
+            results.append({"instances": inst})
+        return results
+
+
+__all__ = ["CondInst"]
