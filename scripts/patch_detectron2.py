@@ -1,4 +1,4 @@
-"""Apply the five compatibility fixes of DESIGN.md §5 to an unpacked ``pb1-detectron2==0.6`` sdist.
+"""Apply five compatibility fixes to an unpacked ``pb1-detectron2==0.6`` sdist (detectron2 v0.6 on today's libraries).
 
 ``pb1-detectron2`` 0.6 has upstream detectron2 v0.6's Python files without the C++ sources. To run on
 today's torch, Pillow, numpy and setuptools it needs:

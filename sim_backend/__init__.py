@@ -1,1 +1,2 @@
-"""sim_backend: the Label Studio ML backend (Flask) that turns drawn boxes into polygon/brush masks."""
+"""sim_backend: everything that speaks Label Studio — the ML backend server (Flask), the API client, label configs,
+task parsing, image loading, masks ↔ regions, settings. It imports sim_model, never training."""

@@ -1,4 +1,4 @@
-"""Flask app factory: the Label Studio ML backend routes (DESIGN.md §4).
+"""Flask app factory: the Label Studio ML backend routes (the protocol of Label Studio 1.23).
 
 Routes:
     GET  /health    → 200 ``{"status": "UP", "model_class": …}`` (no model work).
@@ -7,8 +7,7 @@ Routes:
                     in the background.
     POST /predict   ``{tasks, project, label_config, params}`` → ``{"results": [… one per task]}``
                     (see :mod:`sim_backend.predict`); works without a prior /setup (multi-worker).
-    POST /webhook   Label Studio events → ``training.triggers.on_webhook(payload, settings)``;
-                    ``{"status": "ignored"}`` when the training package is not there.
+    POST /webhook   Label Studio events → :func:`sim_backend.webhook.on_webhook` (starts retrains).
     GET  /versions  ``?project=<id>`` → ``{"versions": [...], "current": …}``.
 
 Malformed JSON and requests without tasks are answered 400 with a message.
@@ -24,6 +23,7 @@ from .images import ImageLoader
 from .label_config import LabelConfigError, parse_label_config
 from .predict import BadRequest, Predictor, project_id
 from .settings import Settings
+from .webhook import on_webhook
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,6 @@ def create_app(settings: Settings | None = None, engine_provider: EngineProvider
     @app.post("/webhook")
     def webhook():
         payload = _json_body()
-        try:
-            from training.triggers import on_webhook
-        except ImportError as e:
-            log.info("webhook %s ignored: training.triggers is not available (%s)", payload.get("action"), e)
-            return jsonify({"status": "ignored", "reason": "training is not installed"})
         try:
             answer = on_webhook(payload, settings)
         except Exception as e:

@@ -1,10 +1,11 @@
-"""Which box→mask engine serves a project: the current SIM model version, else GrabCut.
+"""The engine of each project, cached per worker and hot-reloaded when the served version changes.
 
-:class:`EngineProvider` looks at the model registry's ``CURRENT`` pointer on every call (one small
-file read) and switches engines when it changes (hot reload). The registry only ever points
-``CURRENT`` at a complete version directory, so a half-written version is never loaded. If the SIM
-engine is missing or fails to load, the error is logged and GrabCut serves until a new version is
-published.
+Which engine serves is :mod:`sim_model.engines`' rule (the current registry version, else the cold
+start); :class:`EngineProvider` adds the caching around it: it looks at the registry's ``CURRENT``
+pointer on every call (one small file read) and switches engines when it changes. The registry only
+ever points ``CURRENT`` at a complete version directory, so a half-written version is never loaded. If
+a version fails to load, the error is logged and the cold-start engine serves until a new version is
+published (a failed version is retried after :data:`RETRY_FAILED_LOAD_S`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import threading
 import time
 from typing import Callable
 
-from sim_model.box_to_mask import BoxToMask, sim_model_version
+from sim_model.box_to_mask import BoxToMask
+from sim_model.engines import cold_start_engine, version_engine
+from sim_model.registry import ModelRegistry, sim_model_version
 
 from .settings import Settings
 
@@ -23,39 +26,25 @@ log = logging.getLogger(__name__)
 RETRY_FAILED_LOAD_S = 60.0
 
 
-def _default_fallback() -> BoxToMask:
-    from sim_model.engines.grabcut import GrabCutBoxToMask
-
-    return GrabCutBoxToMask()
-
-
-def _default_sim_loader(version_dir) -> BoxToMask:
-    from sim_model.engines.sim import SIMBoxToMask
-
-    return SIMBoxToMask.from_version_dir(version_dir)
-
-
 class EngineProvider:
     """Serve one :class:`BoxToMask` per Label Studio project.
 
     Args:
         settings: ``model_dir`` is the registry root.
         fallback_factory: builds the engine served without a (loadable) model version; default
-            ``sim_model.engines.grabcut.GrabCutBoxToMask()``. Built once, lazily.
+            :func:`sim_model.engines.cold_start_engine`. Built once, lazily.
         sim_loader: builds an engine from a version directory; default
-            ``sim_model.engines.sim.SIMBoxToMask.from_version_dir``.
+            :func:`sim_model.engines.version_engine`.
 
     Thread-safe. ``project`` arguments may be None (no project known: the fallback serves).
     """
 
     def __init__(self, settings: Settings, fallback_factory: Callable[[], BoxToMask] | None = None,
                  sim_loader: Callable[..., BoxToMask] | None = None):
-        from training.registry import ModelRegistry
-
         self.settings = settings
         self.registry = ModelRegistry(settings.model_dir)
-        self._fallback_factory = fallback_factory or _default_fallback
-        self._sim_loader = sim_loader or _default_sim_loader
+        self._fallback_factory = fallback_factory or cold_start_engine
+        self._sim_loader = sim_loader or version_engine
         self._fallback: BoxToMask | None = None
         self._engines: dict[str, tuple[str, BoxToMask]] = {}   # project -> (version, engine)
         self._failed: dict[tuple[str, str], float] = {}         # (project, version) -> time of failure
@@ -143,20 +132,8 @@ class EngineProvider:
         threading.Thread(target=self.get, args=(project,), daemon=True, name=f"preload-{project}").start()
 
     def list_versions(self, project) -> list[str]:
-        """Complete registry versions of ``project`` (of all projects when None), as sorted model_version
-        strings, after the fallback's."""
-        from training.registry import REQUIRED_FILES
-
-        out = [self.fallback().model_version]
-        root = self.registry.root
-        if project is not None:
-            pdirs = [self.registry.project_dir(project)]
-        else:  # Label Studio 1.23 sends GET /versions without a body: every project's versions
-            pdirs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-        names = set()
-        for pdir in pdirs:
-            if pdir.is_dir():
-                for d in pdir.iterdir():
-                    if d.is_dir() and not d.name.startswith(".") and all((d / f).is_file() for f in REQUIRED_FILES):
-                        names.add(d.name)
-        return out + [sim_model_version(n) for n in sorted(names)]
+        """The fallback's model_version, then the sorted model_version strings of the complete registry
+        versions of ``project`` (of every project when None: Label Studio 1.23 asks without one)."""
+        projects = [project] if project is not None else self.registry.projects()
+        names = {n for p in projects for n in self.registry.version_names(p)}
+        return [self.fallback().model_version] + [sim_model_version(n) for n in sorted(names)]

@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from label_studio_sdk.label_interface import LabelInterface
+
 BOX_TAGS = ("rectanglelabels",)
 POLYGON_TAGS = ("polygonlabels",)
 BRUSH_TAGS = ("brushlabels",)
@@ -120,8 +122,6 @@ def parse_label_config(config_xml: str) -> LabelConfig:
             control (box source) and a PolygonLabels/BrushLabels control (mask target); the message
             names what is missing.
     """
-    from label_studio_sdk.label_interface import LabelInterface
-
     if not isinstance(config_xml, str) or not config_xml.strip():
         raise LabelConfigError("the labeling config is empty")
     try:

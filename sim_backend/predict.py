@@ -1,46 +1,42 @@
 """The /predict protocol: Label Studio tasks (+ drawn rectangles) → mask regions, one result per task.
 
-Two modes (DESIGN.md §4):
+Two modes:
 
 * **interactive** — ``params.context.result`` holds the rectangle(s) the annotator just drew; each
   becomes a polygonlabels region per connected mask part (and a brushlabels region when the config
   has BrushLabels and ``OUTPUT_BRUSH`` is on) with the box's label;
 * **batch** ("Retrieve predictions", no context) — for each task, the rectangles of its latest
-  non-cancelled annotation (by ``updated_at``, then ``created_at``, then ``id``) or, when it has no
-  annotation, of its latest prediction that holds rectangles (our own polygon-only predictions are
-  passed over).
+  annotation or, when it has none, of its latest prediction that holds rectangles
+  (:func:`sim_backend.tasks.rectangles_of_task`).
 
 The answer always has exactly one entry per task, in order: ``{"result", "score", "model_version"}``.
 A task that fails (no image field, an unreachable or broken image, …) gets an empty result with an
-extra ``"error"`` key (Label Studio 1.23 copies only result/score/model_version from each entry, see
-``ml/models.py::_get_predictions_from_ml_backend``) and its error is logged; a box that cannot be segmented (zero area, outside the image, unknown label, …) is
-skipped with a logged reason. Both are also listed in the response's top-level ``"errors"`` and
+extra ``"error"`` key (Label Studio 1.23 copies only result/score/model_version from each entry) and
+its error is logged; a box that cannot be segmented (zero area, outside the image, unknown label, …)
+is skipped with a logged reason. Both are also listed in the response's top-level ``"errors"`` and
 ``"skipped"`` keys, which Label Studio ignores (it reads ``"results"`` only). All boxes of one image go
-to the engine in one ``BoxToMask.predict`` call. Nothing here writes to Label Studio.
+to the engine in one call (:func:`sim_model.box_to_mask.predict_valid_boxes`); each mask becomes
+regions through :func:`sim_backend.regions.mask_regions`. Nothing here writes to Label Studio.
 """
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import numpy as np
 
-from sim_model.box_to_mask import BoxToMask, check_boxes
+from sim_model.box_to_mask import BoxToMask, predict_valid_boxes
 
 from .engines import EngineProvider
 from .images import ImageLoader, ImageLoadError
-from .label_config import ImageBinding, LabelConfig, LabelConfigError, parse_label_config, target_label
-from .regions import brush_region, polygon_regions, rectangle_to_xyxy
+from .label_config import Control, ImageBinding, LabelConfig, LabelConfigError, parse_label_config, target_label
+from .regions import mask_regions, rectangle_to_xyxy
 from .settings import Settings
+from .tasks import parse_project_id, rectangles, rectangles_of_task, task_image_url
 
 log = logging.getLogger(__name__)
-
-#: Task data key of Label Studio imports made with bare blob URLs (``settings.DATA_UNDEFINED_NAME``);
-#: Label Studio usually renames it to the config's field before /predict, but not always.
-UNDEFINED_DATA_KEY = "$undefined$"
 
 
 class BadRequest(ValueError):
@@ -52,64 +48,11 @@ class TaskError(RuntimeError):
 
 
 def project_id(value: Any) -> str | None:
-    """Label Studio's project field → the project id as a string.
-
-    Label Studio sends ``"<id>.<created_at timestamp>"`` (e.g. ``"12.1700000000"``) in /setup and
-    /predict, and a plain int in tasks; both give ``"12"``. None/empty gives None.
-
-    Raises:
-        BadRequest: a value whose id part is not an integer.
-    """
-    if value is None or value == "":
-        return None
-    if isinstance(value, dict):  # webhook payloads carry the project object
-        value = value.get("id")
-        if value is None:
-            return None
-    head = str(value).split(".")[0].strip()
-    if not head.isdigit():
-        raise BadRequest(f"project {value!r} is not a Label Studio project id")
-    return head
-
-
-def _time_key(item: dict) -> tuple:
-    def parse(s):
-        if not s:
-            return datetime.min
-        try:
-            dt = datetime.fromisoformat(str(s).replace("Z", "+00:00"))
-            return dt.replace(tzinfo=None) if dt.tzinfo is None else dt.astimezone().replace(tzinfo=None)
-        except ValueError:
-            return datetime.min
-    ident = item.get("id")
-    return (parse(item.get("updated_at")), parse(item.get("created_at")),
-            ident if isinstance(ident, (int, float)) else -1)
-
-
-def _rectangles(result: Any) -> list[dict]:
-    if not isinstance(result, list):
-        return []
-    return [r for r in result if isinstance(r, dict) and r.get("type") == "rectanglelabels"]
-
-
-def rectangles_of_task(task: dict) -> tuple[list[dict], str]:
-    """The rectangles to segment in batch mode and where they came from.
-
-    Returns:
-        (rectanglelabels result items, source): source is ``"annotation <id>"``, ``"prediction <id>"``
-        or ``"none"``. The latest non-cancelled annotation wins (even with no rectangle); without
-        annotations, the latest prediction that holds rectangles.
-    """
-    anns = [a for a in (task.get("annotations") or [])
-            if isinstance(a, dict) and not a.get("was_cancelled")]
-    if anns:
-        latest = max(anns, key=_time_key)
-        return _rectangles(latest.get("result")), f"annotation {latest.get('id')}"
-    preds = [p for p in (task.get("predictions") or []) if isinstance(p, dict) and _rectangles(p.get("result"))]
-    if preds:
-        latest = max(preds, key=_time_key)
-        return _rectangles(latest.get("result")), f"prediction {latest.get('id')}"
-    return [], "none"
+    """:func:`sim_backend.tasks.parse_project_id`, a malformed value answered as :class:`BadRequest`."""
+    try:
+        return parse_project_id(value)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
 
 
 @dataclass
@@ -182,7 +125,7 @@ class Predictor:
             raise BadRequest(f"params.polygon_tolerance_px must be a number >= 0, got {tolerance!r}")
         context = params.get("context")
         interactive = isinstance(context, dict) and context.get("result") is not None
-        context_rects = _rectangles(context.get("result")) if interactive else None
+        context_rects = rectangles(context.get("result")) if interactive else None
 
         engine = self.engines.get(project)
         results, errors, skipped = [], [], []
@@ -208,7 +151,8 @@ class Predictor:
         log.warning("task %s, region %s: skipped: %s", tid, box, reason)
         skipped.append({"task": tid, "region": box, "reason": reason})
 
-    def _targets(self, binding: ImageBinding):
+    def _targets(self, binding: ImageBinding) -> list[Control]:
+        """The mask controls answered: the polygon, and the brush when OUTPUT_BRUSH or no polygon."""
         out = [binding.polygon] if binding.polygon is not None else []
         if binding.brush is not None and (self.settings.output_brush or binding.polygon is None):
             out.append(binding.brush)
@@ -221,7 +165,7 @@ class Predictor:
         if not isinstance(data, dict):
             raise TaskError(f"task {tid} has no 'data' object")
         keys = [b.value_key for b in config.bindings]
-        if not any(k in data for k in keys) and UNDEFINED_DATA_KEY not in data:
+        if all(task_image_url(data, k) is None for k in keys):
             raise TaskError(f"task {tid} has no image field: expected data key(s) {keys}, got {sorted(data)}")
         if not rects:
             log.info("task %s: no rectangle to segment (source: %s)", tid, source)
@@ -252,7 +196,7 @@ class Predictor:
         scores: list[float] = []
         for boxes in per_image.values():
             binding = boxes[0].binding
-            url = data.get(binding.value_key, data.get(UNDEFINED_DATA_KEY))
+            url = task_image_url(data, binding.value_key)
             if url is None:
                 raise TaskError(f"task {tid} has no image field {binding.value_key!r}")
             image = self.images.load(url)
@@ -270,33 +214,17 @@ class Predictor:
                 except ValueError as e:
                     xyxy.append(np.full(4, np.nan))
                     log.debug("task %s: %s", tid, e)
-            checks = check_boxes(np.stack(xyxy), (h, w))
-            ok = []
-            for b, c in zip(boxes, checks):
-                if c.ok:
-                    ok.append((b, c.box))
-                else:
-                    self._skip(skipped, tid, b.region_id, c.reason)
-            if not ok:
-                continue
-            masks, mscores = engine.predict(image, np.stack([c for _, c in ok]).astype(np.float32),
-                                            [b.label for b, _ in ok])
-            for (b, _), mask, s in zip(ok, masks, mscores):
-                made = []
-                for t in self._targets(binding):
-                    lab = target_label(b.label, t)
-                    if lab is None:
-                        continue
-                    if t.tag == "polygonlabels":
-                        made += polygon_regions(mask, float(s), lab, t, threshold=self.settings.mask_threshold,
-                                                tolerance_px=tolerance, min_region_px=self.settings.min_region_px)
-                    else:
-                        br = brush_region(mask, float(s), lab, t, threshold=self.settings.mask_threshold)
-                        if br is not None:
-                            made.append(br)
+            pred = predict_valid_boxes(engine, image, np.stack(xyxy), [b.label for b in boxes])
+            for i, reason in pred.skipped:
+                self._skip(skipped, tid, boxes[i].region_id, reason)
+            for k, i in enumerate(pred.kept):
+                b = boxes[i]
+                made = mask_regions(pred.masks, k, b.label, self._targets(binding),
+                                    threshold=self.settings.mask_threshold, tolerance_px=tolerance,
+                                    min_region_px=self.settings.min_region_px)
                 if not made:
                     self._skip(skipped, tid, b.region_id, "empty mask (no pixel above MASK_THRESHOLD)")
                     continue
                 regions += made
-                scores.append(float(s))
+                scores.append(float(pred.masks.scores[k]))
         return regions, (float(np.mean(scores)) if scores else 0.0)

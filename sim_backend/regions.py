@@ -4,6 +4,11 @@ Coordinate convention: pixel (row i, column j) covers [j, j+1) x [i, i+1) in ima
 is at (j + 0.5, i + 0.5). A contour found by OpenCV runs through the centres of the mask's boundary
 pixels, so a contour point (j, i) becomes ``x% = 100 (j + 0.5) / W``, ``y% = 100 (i + 0.5) / H``, and
 :func:`polygons_to_mask` inverts exactly that. Every conversion between the two lives here.
+
+Engines answer box-local masks (:class:`sim_model.box_to_mask.BoxMasks`): polygons are traced on the
+box's crop and shifted by its offset; a brush region, whose RLE covers the whole image, pastes its one
+mask. :func:`mask_regions` is the one place that turns a box's mask into the regions of the project's
+mask controls (the backend's answers and the pushed predictions).
 """
 from __future__ import annotations
 
@@ -12,8 +17,11 @@ from typing import Sequence
 
 import cv2
 import numpy as np
+from label_studio_sdk.converter import brush
 
-from .label_config import Control
+from sim_model.box_to_mask import BoxMasks
+
+from .label_config import Control, target_label
 
 _FILL_SHIFT = 8  # fixed-point bits for cv2.fillPoly (sub-pixel vertices)
 
@@ -24,23 +32,31 @@ def new_region_id() -> str:
 
 
 def mask_to_polygons(mask: np.ndarray, threshold: float = 0.5, tolerance_px: float = 1.0,
-                     min_region_px: int = 16) -> list[np.ndarray]:
+                     min_region_px: int = 16, offset: tuple[int, int] = (0, 0)) -> list[np.ndarray]:
     """Outline each connected part of a mask with a simplified polygon.
 
     Args:
-        mask: (H, W) float mask probabilities in [0, 1] (or bool).
+        mask: (h, w) float mask probabilities in [0, 1] (or bool): a whole image, or a crop of one.
         threshold: pixels with probability >= threshold are foreground.
         tolerance_px: ``epsilon`` of ``cv2.approxPolyDP`` in pixels (0: no simplification).
         min_region_px: parts with fewer pixels are dropped as specks, except the largest part.
+        offset: (column, row) of the mask's top-left pixel in the image (a crop's offset).
 
     Returns:
-        One (K, 2) float64 array of (x, y) pixel-centre coordinates (K >= 3) per kept part,
+        One (K, 2) float64 array of (x, y) pixel-centre coordinates in the image (K >= 3) per kept part,
         largest part first. Holes are not represented (Label Studio polygons have none).
         Empty when the mask has no foreground pixel.
+
+    Raises:
+        ValueError: ``mask`` is not 2-D.
     """
     fg = (np.asarray(mask) >= threshold).astype(np.uint8)
     if fg.ndim != 2:
         raise ValueError(f"mask must be (H, W), got shape {fg.shape}")
+    # one pixel of background around the mask: a part that touches the crop's edge is traced exactly as
+    # inside the whole image
+    fg = np.pad(fg, 1)
+    shift = np.array([offset[0] - 1, offset[1] - 1], dtype=np.float64)
     n, cc, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
     if n <= 1:
         return []
@@ -65,7 +81,7 @@ def mask_to_polygons(mask: np.ndarray, threshold: float = 0.5, tolerance_px: flo
             x, y, w, h = cv2.boundingRect(part)
             pts = np.array([[x - 0.5, y - 0.5], [x + w - 0.5, y - 0.5], [x + w - 0.5, y + h - 0.5],
                             [x - 0.5, y + h - 0.5]], dtype=np.float64)
-        polys.append(pts)
+        polys.append(pts + shift)
     return polys
 
 
@@ -112,27 +128,23 @@ def mask_to_brush_rle(mask: np.ndarray, threshold: float = 0.5) -> list[int]:
     Returns:
         the ``value.rle`` list of a brushlabels region (Label Studio's RLE of the RGBA image; not COCO RLE).
     """
-    from label_studio_sdk.converter import brush
-
     m = ((np.asarray(mask) >= threshold) * 255).astype(np.uint8)
     return [int(v) for v in brush.mask2rle(m)]
 
 
 def brush_rle_to_mask(rle: Sequence[int], width: int, height: int) -> np.ndarray:
     """Decode a Label Studio brush RLE to a (height, width) bool mask (``brush.decode_rle``)."""
-    from label_studio_sdk.converter import brush
-
     flat = np.asarray(brush.decode_rle(list(rle)), dtype=np.uint8)
     return flat.reshape(int(height), int(width), 4)[:, :, 3] > 0
 
 
-def polygon_regions(mask: np.ndarray, score: float, label: str, target: Control, *, threshold: float,
+def polygon_regions(masks: BoxMasks, k: int, label: str, target: Control, *, threshold: float,
                     tolerance_px: float, min_region_px: int) -> list[dict]:
-    """polygonlabels regions for one mask: one region per connected part.
+    """polygonlabels regions for box-local mask ``k``: one region per connected part.
 
     Args:
-        mask: (H, W) float mask probabilities in [0, 1].
-        score: the mask's score in [0, 1], copied to each region.
+        masks: an engine's :class:`~sim_model.box_to_mask.BoxMasks`.
+        k: the mask; its score ``masks.scores[k]`` is copied to each region.
         label: a label of ``target``.
         target: the PolygonLabels control (``from_name``, ``to_name``).
         threshold, tolerance_px, min_region_px: see :func:`mask_to_polygons`.
@@ -140,38 +152,69 @@ def polygon_regions(mask: np.ndarray, score: float, label: str, target: Control,
     Returns:
         Label Studio result items (empty when the mask has no foreground).
     """
-    h, w = mask.shape
+    h, w = masks.image_size
+    c0, r0 = (int(v) for v in masks.bounds[k][:2])
     out = []
-    for pts in mask_to_polygons(mask, threshold, tolerance_px, min_region_px):
+    for pts in mask_to_polygons(masks.crops[k], threshold, tolerance_px, min_region_px, offset=(c0, r0)):
         out.append({
             "id": new_region_id(), "type": "polygonlabels", "from_name": target.name,
             "to_name": target.to_name, "original_width": int(w), "original_height": int(h),
             "image_rotation": 0,
             "value": {"points": pixels_to_percent(pts, w, h), "closed": True, "polygonlabels": [label]},
-            "score": float(score),
+            "score": float(masks.scores[k]),
         })
     return out
 
 
-def brush_region(mask: np.ndarray, score: float, label: str, target: Control, *, threshold: float) -> dict | None:
-    """One brushlabels region for a mask (None when it has no foreground pixel).
+def brush_region(masks: BoxMasks, k: int, label: str, target: Control, *, threshold: float) -> dict | None:
+    """One brushlabels region for box-local mask ``k`` (None when it has no foreground pixel).
 
     Args:
-        mask: (H, W) float mask probabilities in [0, 1].
-        score: the mask's score in [0, 1].
+        masks: an engine's :class:`~sim_model.box_to_mask.BoxMasks`.
+        k: the mask; its score is the region's.
         label: a label of ``target``.
         target: the BrushLabels control.
         threshold: foreground threshold.
     """
-    if not np.any(np.asarray(mask) >= threshold):
+    if not masks.foreground(k, threshold).any():
         return None
-    h, w = mask.shape
+    h, w = masks.image_size
     return {
         "id": new_region_id(), "type": "brushlabels", "from_name": target.name, "to_name": target.to_name,
         "original_width": int(w), "original_height": int(h), "image_rotation": 0,
-        "value": {"format": "rle", "rle": mask_to_brush_rle(mask, threshold), "brushlabels": [label]},
-        "score": float(score),
+        "value": {"format": "rle", "rle": mask_to_brush_rle(masks.full(k), threshold), "brushlabels": [label]},
+        "score": float(masks.scores[k]),
     }
+
+
+def mask_regions(masks: BoxMasks, k: int, box_label: str, targets: Sequence[Control], *, threshold: float,
+                 tolerance_px: float, min_region_px: int) -> list[dict]:
+    """The regions of box-local mask ``k`` in every mask control of ``targets`` that has the box's label.
+
+    PolygonLabels targets get :func:`polygon_regions`, BrushLabels targets :func:`brush_region`; the label
+    is mapped by :func:`sim_backend.label_config.target_label` (a target without it is passed over).
+
+    Args:
+        masks, k: the mask (:class:`~sim_model.box_to_mask.BoxMasks` and its index).
+        box_label: the label of the box the mask was made for.
+        targets: the mask controls to fill, in order.
+        threshold, tolerance_px, min_region_px: see :func:`mask_to_polygons`.
+
+    Returns:
+        Label Studio result items; empty when the mask has no foreground pixel or no target has the label.
+    """
+    out: list[dict] = []
+    for t in targets:
+        label = target_label(box_label, t)
+        if label is None:
+            continue
+        if t.tag == "brushlabels":
+            region = brush_region(masks, k, label, t, threshold=threshold)
+            out += [region] if region is not None else []
+        else:
+            out += polygon_regions(masks, k, label, t, threshold=threshold, tolerance_px=tolerance_px,
+                                   min_region_px=min_region_px)
+    return out
 
 
 def rectangle_to_xyxy(value: dict, width: int, height: int) -> np.ndarray:

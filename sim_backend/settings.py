@@ -1,11 +1,12 @@
-"""Backend settings, read once from the environment.
+"""The product's settings, read once from the environment: the only place that reads it.
 
-Every limit of the server is an environment variable (see :meth:`Settings.from_env`); other
-packages (``training``) import :class:`Settings` to reach Label Studio and the model directory.
+Every limit of the server is an environment variable (see :meth:`Settings.from_env`); the training
+commands import :class:`Settings` to reach Label Studio and the model directory.
 """
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
@@ -42,7 +43,7 @@ class Settings:
         label_studio_url: base URL of Label Studio, e.g. ``http://localhost:8080`` [LABEL_STUDIO_URL];
             used to fetch ``/data/upload/…`` and ``/data/local-files/?d=…`` images and by ``training``.
         label_studio_api_key: API token, sent as ``Authorization: Token <key>`` [LABEL_STUDIO_API_KEY].
-        model_dir: root of the model registry (:class:`training.registry.ModelRegistry`) [MODEL_DIR,
+        model_dir: root of the model registry (:class:`sim_model.registry.ModelRegistry`) [MODEL_DIR,
             default ``./models``].
         polygon_tolerance_px: polygon simplification tolerance in pixels, the ``epsilon`` of
             ``cv2.approxPolyDP`` [POLYGON_TOLERANCE_PX, default 1.0]; 0 keeps every contour pixel.
@@ -58,6 +59,10 @@ class Settings:
         output_brush: also answer brushlabels regions when the labeling config has BrushLabels
             [OUTPUT_BRUSH, default true].
         log_level: Python logging level name [LOG_LEVEL, default INFO].
+        retrain_every_n: start a retrain after every N new annotations of a project, 0 = off
+            [RETRAIN_EVERY_N_ANNOTATIONS, default 0].
+        retrain_args: extra arguments of the retrains the webhook starts, split like a shell would
+            [RETRAIN_ARGS, e.g. ``"--max-iter 500 --tolerance 0.01"``].
     """
 
     label_studio_url: str = ""
@@ -71,6 +76,8 @@ class Settings:
     image_fetch_timeout_s: float = 10.0
     output_brush: bool = True
     log_level: str = "INFO"
+    retrain_every_n: int = 0
+    retrain_args: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -120,4 +127,11 @@ class Settings:
             if v.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
                 raise SettingsError(f"LOG_LEVEL={v!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
             kw["log_level"] = v.upper()
+        if (v := get("RETRAIN_EVERY_N_ANNOTATIONS")) is not None:
+            kw["retrain_every_n"] = int(_parse_number("RETRAIN_EVERY_N_ANNOTATIONS", v, int, 0))
+        if (v := get("RETRAIN_ARGS")) is not None:
+            try:
+                kw["retrain_args"] = tuple(shlex.split(v))
+            except ValueError as e:
+                raise SettingsError(f"RETRAIN_ARGS={v!r} does not split into arguments: {e}") from None
         return replace(d, **kw)

@@ -1,0 +1,149 @@
+"""Label Studio's webhook events: start retrains, one per project at a time; answer at once.
+
+:func:`on_webhook` is called by the backend's ``POST /webhook`` route:
+
+* ``START_TRAINING`` (the project's "Start Training" button) → :func:`start_retrain`:
+  ``python -m training.retrain --project ID`` in a detached background process whose output goes to
+  ``<model dir>/<project>/logs/retrain-<UTC time>.log``; answers ``{"status": "started", "pid", "log"}``,
+  or ``{"status": "busy", ...}`` when a retrain of that project is already running.
+* ``ANNOTATION_CREATED`` → when ``RETRAIN_EVERY_N_ANNOTATIONS`` = N > 0, counts the project's new
+  annotations in ``<model dir>/<project>/annotation_count.json`` and starts a retrain at the N-th (the
+  count restarts at 0 once a retrain is started; while one runs, the count keeps growing and the next
+  annotation tries again). N = 0 (default) turns this off.
+* any other action → ``{"status": "ignored"}``.
+
+The backend only starts the retrain process; the retrain itself is the ``training`` package's. The
+project lock (:class:`sim_model.registry.ProjectLock`) is taken here *before* the process starts and
+handed to it (``--lock-fd``), so two clicks never start two retrains; the operating system releases
+it when the retrain ends, also when it crashes.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from sim_model.files import atomic_write_text
+from sim_model.registry import LOGS_DIR, LockHeld, ProjectLock
+
+from .settings import Settings
+from .tasks import parse_project_id
+
+COUNT_FILE = "annotation_count.json"
+#: The repository root: the retrain runs as ``python -m training.retrain`` from here.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_retrain(project: str, settings: Settings) -> dict:
+    """Start ``python -m training.retrain --project ID`` detached, holding the project lock for it.
+
+    Args:
+        project: project id.
+        settings: ``model_dir``, ``label_studio_url``, ``label_studio_api_key`` (passed to the retrain's
+            environment) and ``retrain_args`` (added to its command line).
+
+    Returns:
+        ``{"status": "started", "project", "pid", "log"}`` or ``{"status": "busy", "project", "message"}``.
+    """
+    model_dir = Path(settings.model_dir).resolve()
+    lock = ProjectLock(model_dir, project)
+    try:
+        lock.acquire()
+    except LockHeld as e:
+        return {"status": "busy", "project": project, "message": str(e)}
+    try:
+        log_dir = model_dir / project / LOGS_DIR
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"retrain-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}.log"
+        env = dict(os.environ, MODEL_DIR=str(model_dir))
+        if settings.label_studio_url:
+            env["LABEL_STUDIO_URL"] = settings.label_studio_url
+        if settings.label_studio_api_key:
+            env["LABEL_STUDIO_API_KEY"] = settings.label_studio_api_key
+        cmd = [sys.executable, "-m", "training.retrain", "--project", project, "--model-dir", str(model_dir),
+               "--lock-fd", str(lock.fd), *settings.retrain_args]
+        with open(log_path, "ab") as logf:
+            logf.write(f"$ {' '.join(cmd)}\n".encode())
+            logf.flush()
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                    env=env, cwd=str(REPO_ROOT), pass_fds=(lock.fd,), start_new_session=True,
+                                    close_fds=True)
+        lock.write_holder(proc.pid)
+    finally:
+        # our copy of the descriptor goes; the child's copy keeps the lock until it exits
+        if lock.fd is not None:
+            os.close(lock.fd)
+            lock.fd = None
+    # collect the child's exit status so that it does not stay a zombie
+    threading.Thread(target=proc.wait, daemon=True, name=f"reap-retrain-{proc.pid}").start()
+    return {"status": "started", "project": project, "pid": proc.pid, "log": str(log_path)}
+
+
+def _update_count(model_dir: Path, project: str, reset: bool) -> int:
+    """Add one to the project's persisted annotation count (or reset it to 0) under an flock."""
+    path = model_dir / project / COUNT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as lf:
+        fcntl.flock(lf.fileno(), fcntl.LOCK_EX)
+        n = 0
+        if not reset:
+            try:
+                n = int(json.loads(path.read_text()).get("count", 0)) + 1
+            except (OSError, ValueError, AttributeError):
+                n = 1
+        atomic_write_text(path, json.dumps({"count": n}))
+    return n
+
+
+def _payload_project(payload: dict) -> str | None:
+    """The project of a webhook payload (``project`` object or id, else ``task.project``); None if absent."""
+    project = payload.get("project")
+    if project is None and isinstance(payload.get("task"), dict):
+        project = payload["task"].get("project")
+    try:
+        return parse_project_id(project)
+    except ValueError:
+        return None
+
+
+def on_webhook(payload: dict, settings: Settings) -> dict:
+    """Handle one Label Studio webhook event (module docstring); never blocks on a retrain.
+
+    Args:
+        payload: the webhook JSON, e.g. ``{"action": "START_TRAINING", "project": {"id": 12, ...}}``.
+        settings: the backend's :class:`~sim_backend.settings.Settings`.
+
+    Returns:
+        A JSON-serialisable dict with ``status`` in ``started``, ``busy``, ``counted``, ``ignored``,
+        ``error`` (``message`` says why).
+    """
+    if not isinstance(payload, dict):
+        return {"status": "error", "message": "webhook payload must be a JSON object"}
+    action = payload.get("action")
+    if action not in ("START_TRAINING", "ANNOTATION_CREATED"):
+        return {"status": "ignored", "action": action}
+    project = _payload_project(payload)
+    if project is None:
+        return {"status": "error", "action": action, "message": "webhook payload has no project id"}
+    if action == "START_TRAINING":
+        return start_retrain(project, settings)
+    every = settings.retrain_every_n
+    if every <= 0:
+        return {"status": "ignored", "action": action, "message": "RETRAIN_EVERY_N_ANNOTATIONS is 0 (off)"}
+    model_dir = Path(settings.model_dir).resolve()
+    count = _update_count(model_dir, project, reset=False)
+    if count < every:
+        return {"status": "counted", "project": project, "count": count, "every": every}
+    out = start_retrain(project, settings)
+    if out["status"] == "started":
+        _update_count(model_dir, project, reset=True)
+    out["count"] = count
+    return out
+
+
+__all__ = ["on_webhook", "start_retrain", "COUNT_FILE"]
