@@ -1,1 +1,2 @@
-"""training: Label Studio export, SIM training, evaluation, retraining, S_k scores and the model registry."""
+"""training: the commands that train and publish models — train, evaluate, retrain, export, scores, predictions,
+the registry CLI, benchmarks over training. The top floor: it imports sim_model and sim_backend."""

@@ -30,9 +30,12 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
 
+from sim_model.engines.sim import SIMBoxToMask
+from sim_model.evaluation import evaluate_box_to_mask
 from training.data import dataset_classes, register_coco
-from training.train import Trainer, _dataset_name, _plain, build_config
+from training.train import Trainer, build_config, dataset_name, plain
 
 logger = logging.getLogger("training.evaluate")
 
@@ -56,16 +59,13 @@ def evaluate_instance_segmentation(cfg, model, dataset_name: str, output_dir: Op
     evaluator = COCOEvaluator(dataset_name, tasks=("bbox", "segm"), distributed=False, output_dir=output_dir)
     t0 = time.time()
     res = inference_on_dataset(model, loader, evaluator)
-    out = _plain(dict(res))
+    out = plain(dict(res))
     out["seconds"] = time.time() - t0
     return out
 
 
 def evaluate_box_to_mask_sim(cfg, model, dataset_name: str, max_images: Optional[int] = None) -> dict:
     """Box→mask mIoU / AP given the ground-truth boxes, with the SIM predictor on this model."""
-    from sim_model.engines.sim import SIMBoxToMask
-    from sim_model.evaluation import evaluate_box_to_mask
-
     meta = MetadataCatalog.get(dataset_name)
     engine = SIMBoxToMask(model, cfg, dataset_classes(dataset_name), model_version="evaluate")
     res = evaluate_box_to_mask(engine, meta.json_file, meta.image_root, max_images=max_images, progress=False)
@@ -90,7 +90,7 @@ def evaluate(config_file: str, weights: str, json_file: Optional[str] = None, im
     if json_file is not None or image_dir is not None:
         if json_file is None or image_dir is None:
             raise ValueError("give both --json and --images")
-        name = register_coco(_dataset_name("eval", json_file, image_dir), json_file, image_dir)
+        name = register_coco(dataset_name("eval", json_file, image_dir), json_file, image_dir)
     elif cfg.DATASETS.TEST:
         name = cfg.DATASETS.TEST[0]
     else:
@@ -115,8 +115,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--output", help="write the results as JSON here")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = p.parse_args(argv)
-    from detectron2.utils.logger import setup_logger
-
     setup_logger(name="detectron2")
     setup_logger(name="training")
     res = evaluate(args.config, args.weights, args.json_file, args.image_dir, args.opts, args.max_images,

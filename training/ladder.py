@@ -8,7 +8,7 @@ Command line (from the repository root; ~25 min per rung on one CPU core)::
 For each rung it trains ``configs/<rung config>`` on coco-mini train2017 (``training.train``, one torch
 thread: on a shared 2-core machine two OpenMP threads are several times slower), then scores it on
 val2017 and records one row per rung in docs/benchmarks.json / .md through
-:func:`sim_model.benchmark.record_results`:
+:func:`sim_model.results.record_results`:
 
 - ``mask_AP`` / ``box_AP``: COCO segm / bbox AP (percent) of the free-running instance segmenter,
   from the evaluation at the end of training (detectron2's ``COCOEvaluator``);
@@ -32,6 +32,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
+from detectron2.config import CfgNode
+from PIL import Image
+from pycocotools.coco import COCO
+
+from sim_model.boxes import xywh_to_xyxy
+from sim_model.datasets import coco_mini_dir, split_files
+from sim_model.engines.sim import SIMBoxToMask
+from sim_model.results import record_results
+from training.evaluate import evaluate, load_eval_model
 
 RUNGS = {
     "boxinst": "configs/BoxInst_EffLite0_FPN_cpu.yaml",
@@ -63,14 +74,6 @@ def _best_of(n: int, fn) -> float:
 
 def extra_box_time(config: Path, weights: Path, json_file: Path, image_dir: Path, n_images: int = 10) -> dict:
     """``ms_first_box`` and ``ms_per_extra_box`` of the SIM predictor (medians over images with >= 4 boxes)."""
-    import numpy as np
-    from PIL import Image
-    from pycocotools.coco import COCO
-
-    from sim_model.engines.sim import SIMBoxToMask
-    from sim_model.evaluation import xywh_to_xyxy
-    from training.evaluate import load_eval_model
-
     cfg, model = load_eval_model(str(config), str(weights))
     coco = COCO(str(json_file))
     names = [c["name"] for c in coco.loadCats(sorted(coco.getCatIds()))]
@@ -95,11 +98,6 @@ def extra_box_time(config: Path, weights: Path, json_file: Path, image_dir: Path
 
 def run_rung(rung: str, out: Path, skip_train: bool, write: bool) -> dict:
     """Train (unless ``skip_train``), evaluate and record one rung; returns its figures."""
-    from detectron2.config import CfgNode
-
-    from sim_model.benchmark import default_data_dir, record_results
-    from training.evaluate import evaluate
-
     run_dir = out / rung
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if not (skip_train and (run_dir / "model_final.pth").is_file()):
@@ -112,8 +110,7 @@ def run_rung(rung: str, out: Path, skip_train: bool, write: bool) -> dict:
     gate = int(sim["WARMUP_ITERS"]) if sim["ENABLED"] else 0
     train_result = json.loads((run_dir / "train_result.json").read_text())
     inst = train_result["metrics"]
-    data = default_data_dir() / "val2017"
-    json_file, image_dir = data / "annotations" / "instances_val2017.json", data / "images"
+    json_file, image_dir = split_files(coco_mini_dir(), "val2017")
     b2m = evaluate(str(run_dir / "config.yaml"), str(run_dir / "model_final.pth"), str(json_file), str(image_dir),
                    instance_seg=False)["box_to_mask"]
     figures = {k: b2m[k] for k in ("mIoU", "mIoU_small", "mIoU_medium", "mIoU_large", "AP", "AP50", "AP75",

@@ -21,7 +21,6 @@ iteration and the copy-paste memory bank, so ``--resume`` continues exactly wher
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -35,31 +34,29 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
-from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
+from detectron2.evaluation import COCOEvaluator, print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
-import sim_model.modeling  # noqa: F401  (registers CondInst and the backbones)
-from sim_model.benchmark import default_data_dir
+import sim_model.condinst  # noqa: F401  (registers CondInst and the backbones)
 from sim_model.config import get_sim_cfg
+from sim_model.datasets import coco_mini_dir, split_files
 from training.data import BoxOnlyDatasetMapper, register_coco
 
 logger = logging.getLogger("training.train")
 
-#: coco-mini, the shared sample data, registered when present (:func:`sim_model.benchmark.default_data_dir`:
-#: ``$SIM_DATA_DIR``, else ``../shared/data/coco-mini`` beside the repository).
-COCO_MINI = str(default_data_dir())
-
 
 def register_builtin_datasets() -> None:
-    """Register ``coco_mini_train2017`` / ``coco_mini_val2017`` if the shared data exists."""
+    """Register ``coco_mini_train2017`` / ``coco_mini_val2017`` (the configs' default datasets) when the
+    shared coco-mini data exists (:func:`sim_model.datasets.coco_mini_dir`)."""
     for split in ("train2017", "val2017"):
-        j = os.path.join(COCO_MINI, split, "annotations", f"instances_{split}.json")
-        d = os.path.join(COCO_MINI, split, "images")
-        if os.path.isfile(j) and os.path.isdir(d):
-            register_coco(f"coco_mini_{split}", j, d)
+        j, d = split_files(coco_mini_dir(), split)
+        if j.is_file() and d.is_dir():
+            register_coco(f"coco_mini_{split}", str(j), str(d))
 
 
-def _dataset_name(prefix: str, json_file: str, image_root: str) -> str:
+def dataset_name(prefix: str, json_file: str, image_root: str) -> str:
+    """A detectron2 dataset name for a (json, image folder) pair: ``<prefix>_<sha1 of both paths>``."""
     h = hashlib.sha1(f"{os.path.abspath(json_file)}|{os.path.abspath(image_root)}".encode()).hexdigest()[:10]
     return f"{prefix}_{h}"
 
@@ -91,11 +88,11 @@ def build_config(config_file: str, opts: Optional[Sequence[str]] = None, *, trai
     if (train_json is None) != (train_images is None) or (val_json is None) != (val_images is None):
         raise ValueError("give both --train-json and --train-images (and both --val-json and --val-images)")
     if train_json is not None:
-        name = register_coco(_dataset_name("train", train_json, train_images), train_json, train_images)
+        name = register_coco(dataset_name("train", train_json, train_images), train_json, train_images)
         cfg.DATASETS.TRAIN = (name,)
         cfg.MODEL.FCOS.NUM_CLASSES = num_categories(train_json)
     if val_json is not None:
-        name = register_coco(_dataset_name("val", val_json, val_images), val_json, val_images)
+        name = register_coco(dataset_name("val", val_json, val_images), val_json, val_images)
         cfg.DATASETS.TEST = (name,)
     if opts:
         cfg.merge_from_list(list(opts))
@@ -166,8 +163,6 @@ def _setup_logging(cfg: CfgNode) -> None:
     if _LOGGING_READY or logging.getLogger("detectron2").handlers:
         _LOGGING_READY = True
         return
-    from detectron2.utils.logger import setup_logger
-
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="detectron2")
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="training")
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="sim_model")
@@ -207,7 +202,7 @@ def train(cfg: CfgNode, resume: bool = False) -> dict:
     except Exception:  # pragma: no cover - storage is always there after train()
         pass
     final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-    result = {"metrics": _plain(metrics), "final_checkpoint": final, "output_dir": cfg.OUTPUT_DIR,
+    result = {"metrics": plain(metrics), "final_checkpoint": final, "output_dir": cfg.OUTPUT_DIR,
               "iterations": int(trainer.iter), "seconds": time.time() - t0, "last_losses": last_losses}
     if comm.is_main_process():
         with open(os.path.join(cfg.OUTPUT_DIR, "train_result.json"), "w", encoding="utf-8") as f:
@@ -215,9 +210,10 @@ def train(cfg: CfgNode, resume: bool = False) -> dict:
     return result
 
 
-def _plain(o):
+def plain(o):
+    """Nested dicts of metrics as plain dicts of floats (detectron2's OrderedDicts and tensors), for JSON."""
     if isinstance(o, dict):
-        return {str(k): _plain(v) for k, v in o.items()}
+        return {str(k): plain(v) for k, v in o.items()}
     try:
         return float(o)
     except (TypeError, ValueError):

@@ -1,0 +1,99 @@
+"""Publishing a trained model: write the version, measure it against the served engine, pass the gate.
+
+:func:`write_version` writes a complete version directory (``model.pth``, ``config.yaml``,
+``classes.json``, ``metrics.json``, ``train_log.txt``) under a temporary name and renames it into place
+(:meth:`sim_model.registry.ModelRegistry.create_version`); the validation of the new version runs on
+the temporary directory, so ``metrics.json`` is complete when the version appears.
+:func:`validate_against_served` is that validation: box→mask mIoU / AP on the annotators' polygons
+for the new version *and* for the engine served now, on the same masks; the gate
+(:meth:`sim_model.registry.ModelRegistry.publish`) then decides whether the new version serves.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from detectron2.config import CfgNode
+
+from sim_model.engines import served_engine, version_engine
+from sim_model.evaluation import evaluate_box_to_mask
+from sim_model.files import atomic_write_text
+from sim_model.registry import (CLASSES_FILE, CONFIG_FILE, METRICS_FILE, TRAIN_LOG_FILE, WEIGHTS_FILE,
+                                ModelRegistry)
+
+
+def jsonable(o):
+    """``o`` made JSON-serialisable (NumPy scalars as numbers, anything else unknown as its string)."""
+    return json.loads(json.dumps(o, default=lambda x: x.item() if hasattr(x, "item") else str(x)))
+
+
+def evaluation_summary(ev: dict) -> dict:
+    """The figures of :func:`sim_model.evaluation.evaluate_box_to_mask` worth storing (no per-box lists),
+    plus ``n_masks`` (validation masks scored) and ``n_skipped``."""
+    out = {k: v for k, v in ev.items() if k not in ("per_box", "skipped")}
+    out["n_masks"] = int(ev.get("n_boxes", 0))
+    out["n_skipped"] = len(ev.get("skipped", []))
+    return jsonable(out)
+
+
+def validate_against_served(version_dir: Path, version: str, registry: ModelRegistry, project: str,
+                            val_json: Path, image_dir: Path, say: Callable[[str], None]) -> dict:
+    """``{"val": new version's figures, "baseline": served engine's figures}`` on the same polygons.
+
+    Args:
+        version_dir: the new version's (temporary) directory.
+        version: its name.
+        registry, project: where the served engine comes from (:func:`sim_model.engines.served_engine`).
+        val_json, image_dir: the validation set (COCO json with masks, cached images).
+        say: progress lines.
+    """
+    engine = version_engine(version_dir, version=version)
+    say(f"evaluating {version} on the annotator polygons")
+    val = evaluation_summary(evaluate_box_to_mask(engine, val_json, image_dir, progress=False))
+    base_engine = served_engine(registry, project)
+    say(f"evaluating the served engine ({base_engine.model_version}) on the same polygons")
+    baseline = evaluation_summary(evaluate_box_to_mask(base_engine, val_json, image_dir, progress=False))
+    baseline["version"] = registry.current_version(project)
+    say(f"{version}: mIoU {val['mIoU']:.4f}, AP {val['AP']:.1f}; served: mIoU {baseline['mIoU']:.4f}, "
+        f"AP {baseline['AP']:.1f}")
+    return {"val": val, "baseline": baseline}
+
+
+def write_version(registry: ModelRegistry, project: str, *, weights: Path, cfg: CfgNode, labels: list[str],
+                  metrics: dict, train_log: Path | None = None,
+                  validate: Callable[[Path, str], dict] | None = None) -> tuple[str, dict]:
+    """Write the next version of ``project`` completely, then rename it into place (not yet served).
+
+    Args:
+        weights: the trained checkpoint (copied as ``model.pth``).
+        cfg: the config it was trained with (``config.yaml``).
+        labels: the class map (``classes.json``).
+        metrics: what ``metrics.json`` holds (``version`` and ``created_at`` are added).
+        train_log: the training log to keep (``train_log.txt``; empty when None).
+        validate: called with (temporary directory, version name); its dict is merged into the metrics.
+
+    Returns:
+        (version name, the metrics written).
+
+    Raises:
+        Exception: whatever writing or ``validate`` raised; no version is then left behind.
+    """
+    with registry.create_version(project) as (version, vdir):
+        shutil.copyfile(weights, vdir / WEIGHTS_FILE)
+        (vdir / CONFIG_FILE).write_text(cfg.dump())
+        (vdir / CLASSES_FILE).write_text(json.dumps({"labels": list(labels)}, indent=2))
+        if train_log is not None and Path(train_log).is_file():
+            shutil.copyfile(train_log, vdir / TRAIN_LOG_FILE)
+        else:
+            (vdir / TRAIN_LOG_FILE).write_text("")
+        metrics = dict(metrics, version=version, created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        if validate is not None:
+            metrics.update(validate(vdir, version))
+        atomic_write_text(vdir / METRICS_FILE, json.dumps(jsonable(metrics), indent=2))
+    return version, metrics
+
+
+__all__ = ["jsonable", "evaluation_summary", "validate_against_served", "write_version"]
