@@ -1,4 +1,5 @@
-"""Shared helpers of the backend tests (tests/test_backend_*.py): coco-mini access, configs, a tiny HTTP server."""
+"""Helpers shared by the test packages (fixtures are in ``tests/conftest.py``): the real coco-mini data,
+labeling configs and Label Studio result items over it, and a local HTTP file server."""
 from __future__ import annotations
 
 import functools
@@ -7,19 +8,20 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import torch
+from pycocotools.coco import COCO
 
-from sim_model.benchmark import default_data_dir
+from sim_model.boxes import box_masks, xywh_to_xyxy
+from sim_model.datasets import coco_mini_dir, split_files
 
-COCO_VAL = default_data_dir() / "val2017"
-COCO_VAL_IMAGES = COCO_VAL / "images"
-COCO_VAL_JSON = COCO_VAL / "annotations" / "instances_val2017.json"
+COCO_MINI = coco_mini_dir()
+COCO_VAL_JSON, COCO_VAL_IMAGES = split_files(COCO_MINI, "val2017")
+COCO_TRAIN_JSON, COCO_TRAIN_IMAGES = split_files(COCO_MINI, "train2017")
 
 
 @functools.lru_cache(maxsize=1)
 def coco_val():
     """pycocotools COCO index of coco-mini val2017."""
-    from pycocotools.coco import COCO
-
     return COCO(str(COCO_VAL_JSON))
 
 
@@ -72,11 +74,74 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def box_mask(xywh, width: int, height: int) -> np.ndarray:
-    """The filled box as a bool mask (the floor a mask must beat)."""
-    x, y, w, h = xywh
-    m = np.zeros((height, width), bool)
-    m[int(round(y)):int(round(y + h)), int(round(x)):int(round(x + w))] = True
-    return m
+    """The filled box (COCO [x, y, w, h] pixels) as a (height, width) bool mask: the floor a mask must beat."""
+    return box_masks(torch.from_numpy(xywh_to_xyxy(xywh)[None]), height, width)[0].numpy()
+
+
+def image_info(image_id):
+    """(image path, width, height) of a coco-mini val2017 image."""
+    im = coco_val().loadImgs(image_id)[0]
+    return str(COCO_VAL_IMAGES / im["file_name"]), im["width"], im["height"]
+
+
+def sample_boxes(n, min_area=1500):
+    """n (image_id, label, xywh, gt mask) over different images, medium/large objects, deterministic."""
+    out = []
+    for img_id in sorted(coco_val().getImgIds()):
+        objs = coco_boxes(img_id, min_area=min_area)
+        if objs:
+            out.append((img_id, *objs[0]))
+        if len(out) == n:
+            break
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def coco_train():
+    """pycocotools COCO index of coco-mini train2017."""
+    return COCO(str(COCO_TRAIN_JSON))
+
+
+def coco_train_labels() -> list[str]:
+    """coco-mini's category names in category-id order."""
+    c = coco_train()
+    return [c.loadCats(i)[0]["name"] for i in sorted(c.getCatIds())]
+
+
+def poly_item(label: str, seg: list[float], width: int, height: int, rid: str) -> dict:
+    """A polygonlabels result item (percent) from a COCO polygon in pixels."""
+    pts = np.asarray(seg, dtype=np.float64).reshape(-1, 2)
+    return {"id": rid, "type": "polygonlabels", "from_name": "poly", "to_name": "image",
+            "original_width": width, "original_height": height, "image_rotation": 0,
+            "value": {"points": [[100 * x / width, 100 * y / height] for x, y in pts], "closed": True,
+                      "polygonlabels": [label]}}
+
+
+def make_tasks(n_images: int = 6, polygons_on: int = 2, image_dir: Path = COCO_TRAIN_IMAGES):
+    """Label Studio task dicts for the first ``n_images`` coco-mini train2017 images (non-crowd objects).
+
+    Every object gets a rectangle; the objects of the first ``polygons_on`` images with a single-polygon
+    segmentation also get the annotator's polygon (a "corrected" mask), with its own region id.
+    """
+    c = coco_train()
+    tasks, truth = [], {}
+    for k, img_id in enumerate(sorted(c.getImgIds())[:n_images]):
+        info = c.loadImgs(img_id)[0]
+        w, h = info["width"], info["height"]
+        result = []
+        for a in c.loadAnns(c.getAnnIds(imgIds=img_id, iscrowd=False)):
+            label = c.loadCats(a["category_id"])[0]["name"]
+            result.append(rect_item(label, a["bbox"], w, h, rid=f"b{a['id']}"))
+            truth[f"b{a['id']}"] = a
+            if k < polygons_on and isinstance(a["segmentation"], list) and len(a["segmentation"]) == 1 \
+                    and a["area"] > 500:
+                result.append(poly_item(label, a["segmentation"][0], w, h, rid=f"p{a['id']}"))
+                truth[f"p{a['id']}"] = a
+        tasks.append({"id": 1000 + k, "data": {"image": str(image_dir / info["file_name"])},
+                      "updated_at": "2026-11-21T10:00:00Z",
+                      "annotations": [{"id": 50 + k, "was_cancelled": False, "result": result,
+                                       "updated_at": "2026-11-21T10:00:00Z"}]})
+    return tasks, truth
 
 
 class FileServer:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from sim_model.benchmark import default_data_dir
+from sim_model.datasets import coco_mini_dir
 
 from tests.e2e import ls_harness
 
-COCO_MINI = default_data_dir()
+COCO_MINI = coco_mini_dir()
 
 
 def _require_label_studio() -> None:

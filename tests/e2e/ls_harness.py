@@ -1,4 +1,4 @@
-"""Run a real Label Studio and our ML backend for end-to-end tests (issue 2 item 5; reused by issue 4).
+"""Run a real Label Studio and our ML backend for end-to-end tests.
 
 Label Studio 1.23.2 lives in its own virtual environment, installed by
 ``scripts/install_label_studio.sh`` (its pins clash with torch and numpy). That script also keeps a
@@ -17,8 +17,8 @@ Locating the install
 Servers (context managers; ``start()`` waits until ready, ``stop()`` ends the process group it started)
     ``LabelStudioServer(workdir, document_root, *, port=None, username=..., password=..., token=...,
     extra_env=None)`` -> ``.url``, ``.api_key``, ``.client()`` (SDK client), ``.session()`` (requests
-    session with the token), ``.log_path``. Headless under ``env -i`` with the environment of
-    DESIGN.md §4 (legacy API token on, Local Files serving under ``document_root``,
+    session with the token), ``.log_path``. Headless under ``env -i`` with the environment Label
+    Studio 1.23 needs for these tests (legacy API token on, Local Files serving under ``document_root``,
     ``ML_BLOCK_LOCAL_IP=false`` and ``SSRF_PROTECTION_ENABLED=false`` so that a 127.0.0.1 backend and its
     webhook are accepted, no analytics) and longer ML timeouts for 2 shared cores.
     ``BackendServer(workdir, *, label_studio_url, api_key, model_dir, port=None, workers=2, threads=2,

@@ -1,4 +1,4 @@
-"""Issue 2 item 5: a real Label Studio 1.23.2, our backend under gunicorn, coco-mini val2017 photos.
+"""A real Label Studio 1.23.2, our backend under gunicorn, coco-mini val2017 photos.
 
 One flow (module fixture ``flow``), then one test per promise:
 20 val2017 images are imported through a Local Files storage, their ground-truth boxes become
@@ -18,8 +18,8 @@ import pytest
 import requests
 from pycocotools import mask as mask_utils
 
-from sim_model.engines.shape_prior import box_mask
-from sim_model.evaluation import mask_iou, xywh_to_xyxy
+from sim_model.evaluation import mask_iou
+from tests.support import box_mask
 from tests.e2e import ls_harness as H
 
 # e2e, not slow: ~20-60 s on 2 cores, and CI (scripts/test.sh deselects `slow`) must run it.
@@ -50,7 +50,7 @@ def assign_to_boxes(regions: list[dict], anns: list[dict], names: dict[int, str]
         {annotation id: (h, w) bool mask}, empty masks for boxes that got no region.
     """
     out = {a["id"]: np.zeros((h, w), bool) for a in anns}
-    boxes = {a["id"]: box_mask((h, w), xywh_to_xyxy(a["bbox"])) for a in anns}
+    boxes = {a["id"]: box_mask(a["bbox"], w, h) for a in anns}
     for r in regions:
         m = H.region_mask(r)
         area = m.sum()
@@ -195,7 +195,7 @@ def test_polygons_beat_the_filled_box_against_coco_masks(flow):
         for a in anns:
             g = gt_mask(a, h, w)
             ious.append(mask_iou(masks[a["id"]], g))
-            floor.append(mask_iou(box_mask((h, w), xywh_to_xyxy(a["bbox"])), g))
+            floor.append(mask_iou(box_mask(a["bbox"], w, h), g))
     miou, mbox = float(np.mean(ious)), float(np.mean(floor))
     print(f"\n[e2e] {len(ious)} boxes on {len(flow.tasks)} images: stored polygons mIoU {miou:.3f}, "
           f"filled box {mbox:.3f}")
@@ -238,7 +238,7 @@ def test_interactive_request_through_label_studio(flow):
     mask = np.zeros((h, w), bool)
     for r in polys:
         mask |= H.region_mask(r)
-    box = box_mask((h, w), xywh_to_xyxy(flow.interactive_ann["bbox"]))
+    box = box_mask(flow.interactive_ann["bbox"], w, h)
     assert mask.any() and (mask & ~box).sum() <= 0.02 * mask.sum(), "interactive mask leaves the drawn box"
     # Same engine, same box, same image: the interactive answer agrees with the batch prediction.
     (pred,) = _by_task(flow.first)[flow.interactive_task]

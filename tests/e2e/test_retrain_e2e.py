@@ -1,4 +1,4 @@
-"""Issue 4 item 5: retrain from a real Label Studio 1.23.2 project, publish, serve, score; and a failed retrain.
+"""Retrain from a real Label Studio 1.23.2 project, publish, serve, score; and a failed retrain.
 
 One flow (module fixture ``flow``):
 
@@ -37,8 +37,10 @@ import pytest
 import requests
 
 from tests.e2e import ls_harness as H
-from training.registry import ModelRegistry
-from training.scores import ScoreDB
+from sim_backend.label_studio import LabelStudioError
+from sim_model.registry import ModelRegistry, ProjectLock
+from training import ls_export
+from training.score_store import ScoreDB
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -179,8 +181,6 @@ def project(label_studio, ls_client, start_backend, coco_train, tmp_path_factory
 @pytest.fixture(scope="module")
 def flow(project, ls_client) -> Flow:
     """The first retrain of the project, started by Label Studio's Start Training button (tiny schedule)."""
-    from training.triggers import ProjectLock
-
     t0 = time.monotonic()
     ls_client.ml.train(id=project.ml_id)  # Label Studio -> POST /webhook START_TRAINING -> detached retrain
     logs = project.model_dir / str(project.id) / "logs"
@@ -202,8 +202,6 @@ def flow(project, ls_client) -> Flow:
 
 def test_export_from_real_label_studio(project, label_studio, tmp_path):
     """label-studio-sdk export of the live project: boxes, polygons, class map, incremental image cache."""
-    from training import ls_export
-
     reg = ModelRegistry(tmp_path / "models")
     ex = ls_export.export_project(project.id, label_studio.url, label_studio.api_key, tmp_path / "cache", reg,
                                   progress=lambda m: None)
@@ -223,7 +221,7 @@ def test_export_from_real_label_studio(project, label_studio, tmp_path):
     assert (again.downloaded, again.reused) == (0, N_IMAGES)
     assert again.coco_train() == ex.coco_train()
     # a wrong key is refused with a clear message, not a crash
-    with pytest.raises(ls_export.ExportError, match="401|403"):
+    with pytest.raises(LabelStudioError, match="401|403"):
         ls_export.export_project(project.id, label_studio.url, "wrong-key", tmp_path / "c2", reg, progress=lambda m: None)
 
 

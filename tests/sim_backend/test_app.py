@@ -14,10 +14,11 @@ import pytest
 from sim_backend.app import create_app
 from sim_backend.regions import polygons_to_mask
 from sim_backend.settings import Settings
-from tests.backend_fixtures import COCO_VAL_IMAGES, box_mask, coco_boxes, coco_config, iou, rect_item
-from training.registry import REQUIRED_FILES, ModelRegistry
+from sim_model.registry import REQUIRED_FILES, ModelRegistry
+from tests.support import (COCO_VAL_IMAGES, box_mask, coco_boxes, coco_config, image_info, iou, rect_item,
+                           sample_boxes)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
@@ -66,13 +67,13 @@ def test_versions_lists_registry_versions_and_current(tmp_path):
     assert c.get("/versions").get_json()["versions"] == ["grabcut-v1", "sim-v0001", "sim-v0002"]
 
 
-def test_webhook_answers_at_once(client, monkeypatch):
+def test_webhook_answers_at_once(client):
     r = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 4}})
     assert r.status_code == 200 and r.get_json()["status"] == "ignored"
     assert client.post("/webhook", data="{", content_type="application/json").status_code == 400
-    monkeypatch.setitem(sys.modules, "training.triggers", None)   # training not installed → ImportError
-    r = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 4}})
-    assert r.status_code == 200 and r.get_json()["status"] == "ignored"
+    r = client.post("/webhook", json={"action": "START_TRAINING"})
+    assert r.status_code == 200 and r.get_json() == {"status": "error", "action": "START_TRAINING",
+                                                      "message": "webhook payload has no project id"}
 
 
 def _free_port():
@@ -104,11 +105,10 @@ def test_gunicorn_serves_predict_with_two_workers(tmp_path):
                 time.sleep(0.2)
         else:
             pytest.fail("gunicorn did not come up: " + proc.stdout.read1().decode(errors="replace"))
-        from tests.test_backend_predict import _image_info, _sample_boxes
-        samples = _sample_boxes(6)
+        samples = sample_boxes(6)
         tasks, sizes = [], []
         for img_id, label, xywh, gt in samples:
-            path, w, h = _image_info(img_id)
+            path, w, h = image_info(img_id)
             sizes.append((w, h))
             tasks.append({"id": img_id, "data": {"image": path},
                           "annotations": [{"id": 1, "result": [rect_item(label, xywh, w, h)]}]})

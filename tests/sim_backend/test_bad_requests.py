@@ -6,7 +6,7 @@ import pytest
 
 from sim_backend.app import create_app
 from sim_backend.settings import Settings
-from tests.backend_fixtures import COCO_VAL_IMAGES, coco_boxes, coco_config, coco_val, rect_item
+from tests.support import COCO_VAL_IMAGES, coco_boxes, coco_config, coco_val, rect_item
 
 IMAGE_ID = 139
 PATH = str(COCO_VAL_IMAGES / "000000000139.jpg")

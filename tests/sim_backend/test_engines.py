@@ -1,14 +1,20 @@
 """Engine choice and hot reload (sim_backend.engines) over a real model registry directory."""
 import logging
+import shutil
 import threading
 
+import cv2
 import numpy as np
+import pytest
 
+from sim_backend.app import create_app
 from sim_backend.engines import EngineProvider
-from sim_model.box_to_mask import sim_model_version
+from sim_backend.regions import polygons_to_mask
 from sim_backend.settings import Settings
 from sim_model.engines.grabcut import GrabCutBoxToMask
-from training.registry import REQUIRED_FILES, ModelRegistry
+from sim_model.engines.sim import SIMBoxToMask
+from sim_model.registry import REQUIRED_FILES, ModelRegistry, sim_model_version
+from tests.support import COCO_VAL_IMAGES, coco_boxes, coco_config, iou, rect_item
 
 PROJECT = 12
 
@@ -74,7 +80,7 @@ def test_hot_reload_switches_when_current_changes_and_version_stays_stable(tmp_p
     # the served engine really segments
     img = np.zeros((60, 80, 3), np.uint8)
     img[20:40, 30:60] = 200
-    masks, scores = p.get(PROJECT).predict(img, np.array([[25, 15, 65, 45]], np.float32), ["x"])
+    masks = p.get(PROJECT).predict(img, np.array([[25, 15, 65, 45]], np.float32), ["x"]).dense()
     assert masks.shape == (1, 60, 80) and masks[0, 30, 45] > 0.5 and masks[0, 5, 5] == 0
 
 
@@ -134,47 +140,35 @@ def test_concurrent_requests_load_a_version_once(tmp_path):
     assert loads == ["v0001"] and len({id(e) for e in got}) == 1
 
 
-def test_real_sim_version_is_served_then_rolled_back(tmp_path):
-    """A real (randomly initialised, small test resolution) SIM model version through the default loader."""
-    import json
-
-    import torch
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
-
-    import sim_model.modeling  # noqa: F401  (registers the meta-architecture)
-    from sim_backend.app import create_app
-    from sim_model.config import get_sim_cfg
-    from tests.backend_fixtures import COCO_VAL_IMAGES, coco_boxes, coco_config, rect_item
-
-    labels = ["tv", "chair", "potted plant"]
-    cfg = get_sim_cfg()
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.EFFICIENTNET_LITE.PRETRAINED = False
-    cfg.MODEL.FCOS.NUM_CLASSES = len(labels)
-    cfg.MODEL.SIM.ENABLED = True
-    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 192, 320
-    torch.manual_seed(0)
+def test_real_sim_version_is_served_then_rolled_back(tmp_path, sim_version_dir):
+    """A real SIM model version, published in the registry, answers /predict through the default loader: the
+    polygons are the version's own mask of the box (thresholded between its lowest and highest value, so it is
+    neither empty nor the whole box); without a current version GrabCut answers again."""
     vdir = ModelRegistry(tmp_path).version_dir(PROJECT, "v0001")
-    vdir.mkdir(parents=True)
-    DetectionCheckpointer(build_model(cfg).eval(), save_dir=str(vdir)).save("model")
-    (vdir / "config.yaml").write_text(cfg.dump())
-    (vdir / "classes.json").write_text(json.dumps({"labels": labels}))
+    shutil.copytree(sim_version_dir, vdir)
     ModelRegistry(tmp_path).set_current(PROJECT, "v0001")
+    label, xywh, _ = coco_boxes(139, min_area=2000)[0]
+    image_path = COCO_VAL_IMAGES / "000000000139.jpg"
+    image = cv2.cvtColor(cv2.imread(str(image_path)), cv2.COLOR_BGR2RGB)
+    box = np.array([[xywh[0], xywh[1], xywh[0] + xywh[2], xywh[1] + xywh[3]]], np.float32)
+    own = SIMBoxToMask.from_version_dir(vdir).predict(image, box, [label])
+    threshold = float(own.crops[0].min() + own.crops[0].max()) / 2
+    expected = own.full(0) >= threshold
+    assert 0 < expected.sum() < (own.crops[0].size * 0.999)
 
-    client = create_app(Settings(model_dir=tmp_path)).test_client()
+    client = create_app(Settings(model_dir=tmp_path, mask_threshold=threshold, min_region_px=0)).test_client()
     assert client.post("/setup", json={"project": f"{PROJECT}.17", "schema": coco_config()}).get_json() == {
         "model_version": "sim-v0001"}
-    label, xywh, _ = coco_boxes(139, min_area=2000)[0]
     payload = {"project": f"{PROJECT}.17", "label_config": coco_config(),
-               "tasks": [{"id": 1, "data": {"image": str(COCO_VAL_IMAGES / "000000000139.jpg")}}],
-               "params": {"context": {"result": [rect_item(label, xywh, 640, 426)]}}}
+               "tasks": [{"id": 1, "data": {"image": str(image_path)}}],
+               "params": {"polygon_tolerance_px": 0,
+                          "context": {"result": [rect_item(label, xywh, 640, 426)]}}}
     body = client.post("/predict", json=payload).get_json()
-    assert body["results"][0]["model_version"] == "sim-v0001" and body["errors"] == []
-    # An untrained network's mask for the box may be empty: then the box is reported as skipped with that
-    # reason (never dropped silently); otherwise it is answered as polygon + brush regions.
-    types = {r["type"] for r in body["results"][0]["result"]}
-    reasons = [s["reason"] for s in body["skipped"]]
-    assert types == {"polygonlabels", "brushlabels"} or (not types and reasons and "empty mask" in reasons[0])
+    result = body["results"][0]
+    assert result["model_version"] == "sim-v0001" and body["errors"] == [] and body["skipped"] == []
+    polys = [r["value"]["points"] for r in result["result"] if r["type"] == "polygonlabels"]
+    assert {r["type"] for r in result["result"]} == {"polygonlabels", "brushlabels"}
+    assert iou(polygons_to_mask(polys, 640, 426), expected) > 0.9
+    assert result["score"] == pytest.approx(float(own.scores[0]), abs=1e-5)
     (tmp_path / str(PROJECT) / "CURRENT").unlink()       # no current version any more → GrabCut
     assert client.post("/predict", json=payload).get_json()["results"][0]["model_version"] == "grabcut-v1"

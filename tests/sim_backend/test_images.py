@@ -1,5 +1,4 @@
 """Task image loading (sim_backend.images): local files, http, Label Studio URLs with token, EXIF, errors."""
-import io
 import shutil
 import socket
 
@@ -9,7 +8,7 @@ from PIL import Image
 
 from sim_backend.images import ImageLoader, ImageLoadError
 from sim_backend.settings import Settings, SettingsError
-from tests.backend_fixtures import COCO_VAL_IMAGES, FileServer
+from tests.support import COCO_VAL_IMAGES, FileServer
 
 IMG = COCO_VAL_IMAGES / "000000000139.jpg"  # 640 x 426
 

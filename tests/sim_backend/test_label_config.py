@@ -2,7 +2,7 @@
 import pytest
 
 from sim_backend.label_config import LabelConfigError, parse_label_config, target_label
-from tests.backend_fixtures import coco_category_names, coco_config, labels_xml
+from tests.support import coco_category_names, coco_config, labels_xml
 
 
 def test_coco_config_binds_boxes_polygons_and_brush():

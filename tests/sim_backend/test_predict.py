@@ -7,7 +7,7 @@ from sim_backend.engines import EngineProvider
 from sim_backend.regions import brush_rle_to_mask, polygons_to_mask
 from sim_backend.settings import Settings
 from sim_model.engines.grabcut import GrabCutBoxToMask
-from tests.backend_fixtures import COCO_VAL_IMAGES, box_mask, coco_boxes, coco_config, coco_val, iou, rect_item
+from tests.support import box_mask, coco_boxes, coco_config, coco_val, image_info, iou, rect_item, sample_boxes
 
 
 class CountingGrabCut(GrabCutBoxToMask):
@@ -34,23 +34,6 @@ def client(engine, tmp_path_factory):
     return app.test_client()
 
 
-def _image_info(image_id):
-    im = coco_val().loadImgs(image_id)[0]
-    return str(COCO_VAL_IMAGES / im["file_name"]), im["width"], im["height"]
-
-
-def _sample_boxes(n, min_area=1500):
-    """n (image_id, label, xywh, gt mask) over different images, medium/large objects, deterministic."""
-    out = []
-    for img_id in sorted(coco_val().getImgIds()):
-        objs = coco_boxes(img_id, min_area=min_area)
-        if objs:
-            out.append((img_id, *objs[0]))
-        if len(out) == n:
-            break
-    return out
-
-
 def _polygon_mask(result, w, h):
     polys = [r["value"]["points"] for r in result if r["type"] == "polygonlabels"]
     return polygons_to_mask(polys, w, h)
@@ -58,8 +41,8 @@ def _polygon_mask(result, w, h):
 
 def test_interactive_polygon_beats_the_filled_box(client, engine):
     ious, box_ious = [], []
-    for img_id, label, xywh, gt in _sample_boxes(6):
-        path, w, h = _image_info(img_id)
+    for img_id, label, xywh, gt in sample_boxes(6):
+        path, w, h = image_info(img_id)
         payload = {"project": "7.1700000000", "label_config": coco_config(),
                    "tasks": [{"id": img_id, "data": {"image": path}}],
                    "params": {"context": {"result": [rect_item(label, xywh, w, h, rid="drawn")]}}}
@@ -92,8 +75,8 @@ def test_interactive_polygon_beats_the_filled_box(client, engine):
 def test_batch_uses_latest_annotation_then_latest_prediction_one_engine_call_per_image(client, engine):
     cfg = coco_config(brush=False)
     img_a, img_b = sorted(coco_val().getImgIds())[:2]
-    path_a, wa, ha = _image_info(img_a)
-    path_b, wb, hb = _image_info(img_b)
+    path_a, wa, ha = image_info(img_a)
+    path_b, wb, hb = image_info(img_b)
     objs_a = coco_boxes(img_a, min_area=1000)
     objs_b = coco_boxes(img_b, min_area=1000)
     assert len(objs_a) >= 2 and objs_b
@@ -130,8 +113,8 @@ def test_batch_uses_latest_annotation_then_latest_prediction_one_engine_call_per
 
 
 def test_polygon_tolerance_can_be_set_per_request(client):
-    img_id, label, xywh, _ = _sample_boxes(1, min_area=20000)[0]
-    path, w, h = _image_info(img_id)
+    img_id, label, xywh, _ = sample_boxes(1, min_area=20000)[0]
+    path, w, h = image_info(img_id)
 
     def n_points(tol):
         params = {"context": {"result": [rect_item(label, xywh, w, h)]}}

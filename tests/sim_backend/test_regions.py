@@ -3,12 +3,19 @@ import numpy as np
 import pytest
 
 from sim_backend.label_config import Control
-from sim_backend.regions import (brush_region, brush_rle_to_mask, mask_to_polygons, pixels_to_percent,
+from sim_backend.regions import (brush_region, brush_rle_to_mask, mask_regions, mask_to_polygons, pixels_to_percent,
                                  polygon_regions, polygons_to_mask, rectangle_to_xyxy)
-from tests.backend_fixtures import coco_boxes, coco_val, iou
+from sim_model.box_to_mask import BoxMasks
+from tests.support import coco_boxes, coco_val, iou
 
 POLY = Control("poly", "polygonlabels", "image", ("cat", "tv"))
 BRUSH = Control("brush", "brushlabels", "image", ("cat", "tv"))
+
+
+def whole(mask: np.ndarray, score: float = 1.0) -> BoxMasks:
+    """One mask over the whole image, as an engine answers for a box that covers it."""
+    h, w = mask.shape
+    return BoxMasks((h, w), np.array([[0, 0, w, h]]), (mask.astype(np.float32),), np.array([score], np.float32))
 
 
 def _gt_masks(n=12):
@@ -47,7 +54,7 @@ def test_multi_part_mask_gives_several_polygon_regions_and_drops_specks():
     m[10:40, 10:60] = 0.9     # part 1
     m[50:90, 120:190] = 0.8   # part 2 (largest)
     m[5, 150] = 1.0           # a 1-pixel speck
-    regions = polygon_regions(m, 0.7, "cat", POLY, threshold=0.5, tolerance_px=1.0, min_region_px=16)
+    regions = polygon_regions(whole(m, 0.7), 0, "cat", POLY, threshold=0.5, tolerance_px=1.0, min_region_px=16)
     assert len(regions) == 2
     for r in regions:
         assert r["type"] == "polygonlabels" and r["value"]["polygonlabels"] == ["cat"]
@@ -69,8 +76,9 @@ def test_tiny_mask_keeps_its_only_part():
 
 def test_empty_mask_gives_no_region():
     m = np.full((30, 30), 0.2, np.float32)
-    assert polygon_regions(m, 0.5, "cat", POLY, threshold=0.5, tolerance_px=1, min_region_px=4) == []
-    assert brush_region(m, 0.5, "cat", BRUSH, threshold=0.5) is None
+    assert polygon_regions(whole(m), 0, "cat", POLY, threshold=0.5, tolerance_px=1, min_region_px=4) == []
+    assert brush_region(whole(m), 0, "cat", BRUSH, threshold=0.5) is None
+    assert mask_regions(whole(m), 0, "cat", [POLY, BRUSH], threshold=0.5, tolerance_px=1, min_region_px=4) == []
 
 
 def test_polygons_touching_the_border_are_clipped_to_the_image():
@@ -89,7 +97,7 @@ def test_polygons_touching_the_border_are_clipped_to_the_image():
 def test_brush_rle_decodes_back_with_label_studio_sdk_to_the_same_mask():
     m = _gt_masks(3)[2]
     h, w = m.shape
-    r = brush_region(m.astype(np.float32), 0.6, "tv", BRUSH, threshold=0.5)
+    r = brush_region(whole(m, 0.6), 0, "tv", BRUSH, threshold=0.5)
     assert r["type"] == "brushlabels" and r["value"]["format"] == "rle" and r["value"]["brushlabels"] == ["tv"]
     from label_studio_sdk.converter import brush
     decoded = np.asarray(brush.decode_rle(r["value"]["rle"])).reshape(h, w, 4)[:, :, 3] > 0
@@ -104,3 +112,28 @@ def test_rectangle_to_xyxy_plain_and_rotated():
     assert np.allclose(rectangle_to_xyxy(v90, 200, 100), [20 - 25, 20, 20, 20 + 100])
     with pytest.raises(ValueError):
         rectangle_to_xyxy({"x": 1}, 10, 10)
+
+
+def test_box_local_masks_give_the_regions_of_the_pasted_mask():
+    """A crop traced at its offset gives the same polygons as the whole-image mask, also where the object
+    touches the crop's edge; the brush RLE covers the whole image."""
+    for m in _gt_masks(6):
+        h, w = m.shape
+        ys, xs = np.nonzero(m)
+        c0, r0, c1, r1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1  # the tight box: parts touch its edges
+        crop = BoxMasks((h, w), np.array([[c0, r0, c1, r1]]), (m[r0:r1, c0:c1].astype(np.float32),),
+                        np.array([0.9], np.float32))
+        for tol in (0.0, 1.0):
+            a = [p.tolist() for p in mask_to_polygons(m, tolerance_px=tol)]
+            b = [p.tolist() for p in mask_to_polygons(crop.crops[0], tolerance_px=tol, offset=(c0, r0))]
+            assert a == b
+        regions = mask_regions(crop, 0, "tv", [POLY, BRUSH], threshold=0.5, tolerance_px=1.0, min_region_px=16)
+        assert [r["type"] for r in regions][-1] == "brushlabels" and all(r["score"] == pytest.approx(0.9)
+                                                                          for r in regions)
+        assert np.array_equal(brush_rle_to_mask(regions[-1]["value"]["rle"], w, h), m)
+        whole_regions = mask_regions(whole(m, 0.9), 0, "tv", [POLY], threshold=0.5, tolerance_px=1.0,
+                                     min_region_px=16)
+        assert [r["value"] for r in regions[:-1]] == [r["value"] for r in whole_regions]
+    # a target without the box's label is passed over
+    only_cat = Control("poly2", "polygonlabels", "image", ("cat",))
+    assert mask_regions(whole(m), 0, "tv", [only_cat], threshold=0.5, tolerance_px=1, min_region_px=1) == []

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from sim_backend.settings import Settings
-from training.triggers import ProjectLock, on_webhook
+from dataclasses import replace
 
-REPO = Path(__file__).resolve().parent.parent
+from sim_backend.settings import Settings, SettingsError
+from sim_backend.webhook import on_webhook
+from sim_model.datasets import REPO_ROOT as REPO
+from sim_model.registry import ProjectLock
 
 
 def _dead_url() -> str:
@@ -36,7 +38,7 @@ def settings(tmp_path):
 
 def _hold_lock(model_dir: Path, project: int) -> subprocess.Popen:
     """A separate process that takes the project's lock and sleeps (a retrain in progress)."""
-    code = ("import sys, time; from training.triggers import ProjectLock; "
+    code = ("import sys, time; from sim_model.registry import ProjectLock; "
             f"l = ProjectLock({str(model_dir)!r}, {project}).acquire(); print('locked', flush=True); time.sleep(120)")
     p = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "locked"
@@ -51,8 +53,8 @@ def _wait_unlocked(model_dir: Path, project: int, timeout: float = 120.0) -> Non
         time.sleep(0.2)
 
 
-def test_start_training_refused_while_locked_and_allowed_after_a_crash(settings, monkeypatch):
-    monkeypatch.setenv("RETRAIN_ARGS", "--timeout 3 --max-iter 7")
+def test_start_training_refused_while_locked_and_allowed_after_a_crash(settings):
+    settings = replace(settings, retrain_args=Settings.from_env({"RETRAIN_ARGS": "--timeout 3 --max-iter 7"}).retrain_args)
     model_dir = settings.model_dir
     holder = _hold_lock(model_dir, 12)
     try:
@@ -92,19 +94,20 @@ def test_cron_retrain_exits_3_while_the_lock_is_held(settings):
     assert "already running" in r.stderr
 
 
-def test_retrain_every_n_annotations(settings, monkeypatch):
+def test_retrain_every_n_annotations(settings):
     ev = {"action": "ANNOTATION_CREATED", "project": {"id": 21}, "annotation": {"id": 1}, "task": {"id": 5}}
-    monkeypatch.setenv("RETRAIN_EVERY_N_ANNOTATIONS", "0")
-    assert on_webhook(ev, settings)["status"] == "ignored"
-    monkeypatch.setenv("RETRAIN_EVERY_N_ANNOTATIONS", "3")
-    assert [on_webhook(ev, settings).get("count") for _ in range(2)] == [1, 2]
-    out = on_webhook(ev, settings)
+    assert on_webhook(ev, replace(settings, retrain_every_n=0))["status"] == "ignored"
+    every3 = replace(settings, retrain_every_n=Settings.from_env({"RETRAIN_EVERY_N_ANNOTATIONS": "3"}).retrain_every_n)
+    assert [on_webhook(ev, every3).get("count") for _ in range(2)] == [1, 2]
+    out = on_webhook(ev, every3)
     assert out["status"] == "started" and out["count"] == 3
     # the count restarted: the next annotation counts 1 again (persisted on disk, not in memory)
-    assert on_webhook(ev, settings) == {"status": "counted", "project": "21", "count": 1, "every": 3}
+    assert on_webhook(ev, every3) == {"status": "counted", "project": "21", "count": 1, "every": 3}
     _wait_unlocked(settings.model_dir, 21)
-    monkeypatch.setenv("RETRAIN_EVERY_N_ANNOTATIONS", "-2")
-    assert on_webhook(ev, settings)["status"] == "error"
+    with pytest.raises(SettingsError, match="RETRAIN_EVERY_N_ANNOTATIONS"):
+        Settings.from_env({"RETRAIN_EVERY_N_ANNOTATIONS": "-2"})
+    with pytest.raises(SettingsError, match="RETRAIN_ARGS"):
+        Settings.from_env({"RETRAIN_ARGS": "--max-iter '5"})
 
 
 def test_other_events_are_ignored(settings):

@@ -1,13 +1,12 @@
 """BoxInst losses and their preparation against brute-force versions on small tensors."""
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from sim_model.losses.boxinst import (
-    box_masks,
     color_similarity,
+    feature_similarity,
     pairwise_loss,
     pairwise_warmup_factor,
     pairwise_weights,
@@ -73,15 +72,18 @@ def test_color_similarity_matches_brute_force():
                 assert abs(float(sim[0, j, y, x]) - ref) < 1e-5
 
 
-def test_box_masks_match_adelaidet_loop():
-    boxes = torch.tensor([[3.7, 5.2, 20.9, 14.0], [0.0, 0.0, 31.0, 7.5]])
-    h, w, stride = 32, 40, 4
-    masks = box_masks(boxes, h, w, stride)
-    start = stride // 2
-    for m, b in zip(masks, boxes.tolist()):
-        full = torch.zeros(h, w)
-        full[int(b[1]):int(b[3] + 1), int(b[0]):int(b[2] + 1)] = 1.0
-        assert torch.equal(m, full[start::stride, start::stride])
+def test_feature_similarity_matches_brute_force():
+    torch.manual_seed(3)
+    z = torch.nn.functional.normalize(torch.randn(1, 4, 5, 6), dim=1)
+    sim = feature_similarity(z, 3, 2)
+    assert sim.shape == (1, 8, 5, 6)
+    for j, (dy, dx) in enumerate(_neighbour_offsets(3, 2)):
+        for y in range(5):
+            for x in range(6):
+                yy, xx = y + dy, x + dx
+                other = z[0, :, yy, xx] if (0 <= yy < 5 and 0 <= xx < 6) else torch.zeros(4)  # zero padding
+                ref = math.exp(-float(torch.norm(z[0, :, y, x] - other)))
+                assert abs(float(sim[0, j, y, x]) - ref) < 1e-5
 
 
 def _dice_loss(x, t):

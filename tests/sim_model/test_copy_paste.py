@@ -7,33 +7,16 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from sim_model.benchmark import default_data_dir
-from sim_model.engines.shape_prior import box_mask
-from sim_model.sim.copy_paste import (MemoryBank, box_masks, copy_paste, mask_boxes, num_to_paste,
-                                      paste_instances, sample_instances)
+from sim_model.boxes import box_masks, mask_boxes
+from sim_model.datasets import coco_mini_dir
+from sim_model.sim.copy_paste import MemoryBank, copy_paste, num_to_paste, paste_instances, sample_instances
 
-COCO = default_data_dir() / "val2017"
+COCO = coco_mini_dir() / "val2017"
 
 
 def _crop(h, w, value, mask=None):
     m = torch.ones(h, w, dtype=torch.bool) if mask is None else mask
     return torch.full((3, h, w), value, dtype=torch.uint8), m
-
-
-def test_box_masks_and_mask_boxes():
-    m = box_masks(torch.tensor([[1.0, 2.0, 4.0, 5.0], [0.0, 0.0, 10.0, 10.0]]), 6, 8)
-    assert m.shape == (2, 6, 8) and m.dtype == torch.bool
-    assert m[0].sum() == 9 and m[0, 2:5, 1:4].all()
-    assert m[1].all()
-    torch.testing.assert_close(mask_boxes(m), torch.tensor([[1.0, 2.0, 4.0, 5.0], [0.0, 0.0, 8.0, 6.0]]))
-    assert mask_boxes(m[:0]).shape == (0, 4)
-    # fractional boxes: the same pixels as the engines' numpy rasterisation
-    g = torch.Generator().manual_seed(0)
-    xy = torch.rand(20, 2, generator=g) * torch.tensor([30.0, 20.0]) - 3
-    boxes = torch.cat([xy, xy + torch.rand(20, 2, generator=g) * 15 + 0.2], dim=1)
-    tm = box_masks(boxes, 20, 30)
-    for t, b in zip(tm, boxes):
-        assert np.array_equal(t.numpy(), box_mask((20, 30), b.numpy())), b
 
 
 def test_paste_covers_removes_pixels_shrinks_boxes_and_drops_hidden_objects():

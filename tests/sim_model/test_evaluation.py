@@ -11,14 +11,17 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from sim_model.benchmark import default_data_dir, record_results, render_markdown
-from sim_model.box_to_mask import BoxToMask, BoxToMaskError
-from sim_model.engines.shape_prior import EllipseEngine, FilledBoxEngine, box_mask, ellipse_mask
-from sim_model.evaluation import evaluate_box_to_mask, mask_iou, xywh_to_xyxy
+import torch
 
-DATA = default_data_dir()
-VAL_JSON = DATA / "val2017" / "annotations" / "instances_val2017.json"
-VAL_IMAGES = DATA / "val2017" / "images"
+from sim_model.box_to_mask import BoxMasks, BoxToMask, BoxToMaskError
+from sim_model.boxes import box_masks, box_pixel_bounds, xywh_to_xyxy
+from sim_model.datasets import coco_mini_dir, split_files
+from sim_model.engines.shape_prior import EllipseEngine, FilledBoxEngine, ellipse_mask
+from sim_model.evaluation import box_mask_iou, evaluate_box_to_mask, mask_iou
+from sim_model.results import record_results, render_markdown
+
+DATA = coco_mini_dir()
+VAL_JSON, VAL_IMAGES = split_files(DATA, "val2017")
 pytestmark = pytest.mark.skipif(not VAL_JSON.exists(), reason=f"coco-mini not found at {DATA}")
 
 
@@ -37,10 +40,12 @@ class GroundTruthEngine(BoxToMask):
         for a in coco.loadAnns(coco.getAnnIds(iscrowd=False)):
             self.by_box[tuple(np.round(xywh_to_xyxy(a["bbox"]), 2))] = coco.annToMask(a).astype(np.float32)
 
-    def predict(self, image, boxes, labels):
-        self._check_inputs(image, boxes, labels)
-        masks = np.stack([self.by_box[tuple(np.round(np.asarray(b, np.float32), 2))] for b in boxes])
-        return masks, np.ones(len(boxes), np.float32)
+    def _predict(self, image, boxes, labels):
+        crops = []
+        for b in boxes:
+            c0, r0, c1, r1 = box_pixel_bounds(b, image.shape[:2])
+            crops.append(self.by_box[tuple(np.round(np.asarray(b, np.float32), 2))][r0:r1, c0:c1])
+        return crops, np.ones(len(boxes), np.float32)
 
 
 def _readme_floor() -> dict[str, float]:
@@ -85,10 +90,10 @@ def test_ellipse_beats_filled_box_and_max_images_limits(coco):
 
 def test_engine_with_wrong_output_shape_is_reported():
     class Broken(BoxToMask):
-        def predict(self, image, boxes, labels):
-            return np.zeros((len(boxes), 2, 2), np.float32), np.ones(len(boxes), np.float32)
+        def _predict(self, image, boxes, labels):
+            return [np.zeros((2, 2), np.float32)] * len(boxes), np.ones(len(boxes), np.float32)
 
-    with pytest.raises(BoxToMaskError, match="engine returned masks"):
+    with pytest.raises(BoxToMaskError, match="engine returned mask 0 of shape"):
         evaluate_box_to_mask(Broken(), VAL_JSON, VAL_IMAGES, max_images=1, progress=False)
 
 
@@ -108,15 +113,25 @@ def test_missing_image_raises_or_is_skipped(coco, tmp_path: Path):
 
 
 def test_mask_iou_and_rasterisers_on_synthetic_masks():
-    a = box_mask((10, 10), np.array([0, 0, 4, 10]))
-    b = box_mask((10, 10), np.array([2, 0, 6, 10]))
+    a, b = box_masks(torch.tensor([[0, 0, 4, 10], [2, 0, 6, 10]]), 10, 10).numpy()
     assert a.sum() == 40 and mask_iou(a, b) == pytest.approx(20 / 60)
     assert mask_iou(np.zeros((3, 3)), np.zeros((3, 3))) == 1.0
-    sub = box_mask((10, 10), np.array([3.2, 3.2, 3.6, 3.7]))  # sub-pixel box covers one pixel
-    assert sub.sum() == 1 and sub[3, 3]
+    assert box_pixel_bounds([3.2, 3.2, 3.6, 3.7], (10, 10)) == (3, 3, 4, 4)  # a sub-pixel box covers one pixel
     e = ellipse_mask((100, 100), np.array([0, 0, 100, 100]))
     assert abs(e.sum() - np.pi * 50 ** 2) < 100 and not e[0, 0]
     assert ellipse_mask((10, 10), np.array([3.2, 3.2, 3.6, 3.7])).sum() == 1
+
+
+def test_box_local_iou_equals_full_image_iou():
+    """IoU computed on the box's crop equals IoU of the pasted mask, also when the ground truth leaves the box."""
+    gt = np.zeros((40, 50), bool)
+    gt[5:30, 10:45] = True
+    crop = np.zeros((20, 20), np.float32)
+    crop[5:20, 2:15] = 0.8
+    crop[0, 0] = 0.2  # below the threshold
+    masks = BoxMasks((40, 50), np.array([[8, 10, 28, 30]]), (crop,), np.ones(1, np.float32))
+    assert box_mask_iou(masks, 0, gt, 0.5) == pytest.approx(mask_iou(masks.full(0) >= 0.5, gt))
+    assert box_mask_iou(masks, 0, gt, 0.5) < 0.5
 
 
 def test_record_results_merges_rows_and_renders_markdown(tmp_path: Path):

@@ -10,15 +10,18 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
+from sim_model.datasets import REPO_ROOT, coco_mini_dir
+from sim_model.modeling.box_queries import image_features, positive_masks
+from sim_model.sim.teacher import student_pass, teacher_pass
 from training.data import BoxOnlyDatasetMapper
-from training.train import COCO_MINI, build_config
+from training.train import build_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(REPO_ROOT)
 SMALL = ["INPUT.MIN_SIZE_TRAIN", "(256,)", "INPUT.MAX_SIZE_TRAIN", "384", "INPUT.MIN_SIZE_TEST", "256",
          "INPUT.MAX_SIZE_TEST", "384", "INPUT.RANDOM_FLIP", "none", "MODEL.DEVICE", "cpu"]
 BOXINST_KEYS = {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr", "loss_prj", "loss_pairwise"}
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(COCO_MINI), reason="coco-mini data not available")
+pytestmark = pytest.mark.skipif(not coco_mini_dir().is_dir(), reason="coco-mini data not available")
 
 
 def _cfg(name, *opts):
@@ -106,14 +109,14 @@ def test_box_to_mask_api_positives_lie_in_the_box():
     cfg = _cfg("BoxInst_EffLite0_FPN_cpu.yaml")
     model = _seeded_model(cfg).eval()
     image = _batch(cfg, (0,))[0]["image"]
-    feats = model.image_features(image)
+    feats = image_features(model, image)
     h, w = image.shape[1:]
     assert feats.image_size == (h, w)
     d = cfg.MODEL.CONDINST.MASK_BRANCH.OUT_CHANNELS
     hp, wp = feats.padded_size
     assert feats.mask_features.shape == (d, hp // 4, wp // 4)
     box = torch.tensor([40.0, 30.0, 200.0, 180.0])
-    pred_boxes, logits = model.positive_masks(feats, box)
+    pred_boxes, logits = positive_masks(feats, box)
     assert pred_boxes.shape[0] == logits.shape[0] >= 1
     assert logits.shape[1:] == (hp // 4, wp // 4)
     # the positives are locations inside the box
@@ -124,7 +127,7 @@ def test_box_to_mask_api_positives_lie_in_the_box():
     assert locs.shape[0] == logits.shape[0]
     assert bool(((locs[:, 0] > 40) & (locs[:, 0] < 200) & (locs[:, 1] > 30) & (locs[:, 1] < 180)).all())
     # a box smaller than a stride still gets one mask
-    tiny_boxes, tiny_logits = model.positive_masks(feats, torch.tensor([10.0, 10.0, 12.0, 13.0]))
+    tiny_boxes, tiny_logits = positive_masks(feats, torch.tensor([10.0, 10.0, 12.0, 13.0]))
     assert tiny_logits.shape[0] == 1
     full = feats.to_image(tiny_logits.sigmoid(), (h * 2, w * 2))
     assert full.shape == (1, h * 2, w * 2)
@@ -176,27 +179,44 @@ def test_teacher_reuses_the_frozen_trunk_exactly():
     batch = _batch(cfg)
     model(batch)  # creates the teacher
     images = model.preprocess_image([b["image"] for b in batch]).tensor
-    bu = model.net.backbone.bottom_up
-    bu.record_trunk = True
-    student_out = model.net(images)
-    bu.record_trunk = False
-    trunk = bu.last_trunk
+    student_out, trunk = student_pass(model.net, images, record_trunk=True)
     assert trunk is not None and not trunk[0].requires_grad
-    shared = model._teacher_outputs(images, student_out, trunk)
-    full = model._teacher_outputs(images, student_out, None)
+    assert model.net.backbone.bottom_up.last_trunk is None and not model.net.backbone.bottom_up.record_trunk
+    shared = teacher_pass(model.teacher, images, student_out, trunk)
+    full = teacher_pass(model.teacher, images, student_out, None)
     assert torch.allclose(shared.mask_feats, full.mask_feats, atol=1e-5)
     assert torch.allclose(shared.head.top_feats, full.head.top_feats, atol=1e-5)
     assert model.teacher.model.backbone.bottom_up.trunk_input is None
 
 
-def test_teacher_feature_affinity_option():
-    cfg = _cfg("SIM_pseudo_EffLite0_FPN_cpu.yaml", "MODEL.SIM.WARMUP_ITERS", "0",
-               "MODEL.SIM.PAIRWISE.TEACHER_AFFINITY", "True", "MODEL.BOXINST.PAIRWISE.WARMUP_ITERS", "0")
-    model = _seeded_model(cfg)
-    batch = _batch(cfg)
-    model(batch)
-    losses = model(batch)
-    assert torch.isfinite(losses["loss_pairwise"]) and float(losses["loss_pairwise"]) > 0
+def test_teacher_feature_affinity_option_changes_the_supervised_pairs(monkeypatch):
+    """With MODEL.SIM.PAIRWISE.TEACHER_AFFINITY the pairwise loss sees colour × teacher-feature similarity
+    thresholded at MODEL.SIM.PAIRWISE.COLOR_THRESH; without it, colour alone at BoxInst's threshold."""
+    import sim_model.condinst as condinst
+
+    common = ("MODEL.SIM.WARMUP_ITERS", "0", "MODEL.BOXINST.PAIRWISE.WARMUP_ITERS", "0")
+    seen = []
+    real = condinst.boxinst_losses
+    monkeypatch.setattr(condinst, "boxinst_losses",
+                        lambda logits, box, affinity, thresh, *a: seen.append((affinity, thresh)) or
+                        real(logits, box, affinity, thresh, *a))
+    calls = []
+    real_fs = condinst.feature_similarity
+    monkeypatch.setattr(condinst, "feature_similarity", lambda *a: calls.append(1) or real_fs(*a))
+    results = {}
+    for on in (False, True):
+        cfg = _cfg("SIM_pseudo_EffLite0_FPN_cpu.yaml", *common, "MODEL.SIM.PAIRWISE.TEACHER_AFFINITY", str(on))
+        model = _seeded_model(cfg)
+        batch = _batch(cfg)
+        seen.clear()
+        results[on] = float(model(batch)["loss_pairwise"])
+        results[(on, "affinity")], results[(on, "thresh")] = seen[-1]
+    assert calls == [1]  # the teacher's features are used only when the option is on
+    assert results[(False, "thresh")] == 0.3 and results[(True, "thresh")] == 0.1
+    colour, product = results[(False, "affinity")], results[(True, "affinity")]
+    assert product.shape == colour.shape
+    assert bool((product <= colour + 1e-6).all()) and not torch.allclose(product, colour)  # × a factor in (0, 1]
+    assert results[True] != pytest.approx(results[False])
 
 
 def test_pseudo_loss_weights_and_prototype_assignment_keys_are_read():
@@ -211,3 +231,24 @@ def test_pseudo_loss_weights_and_prototype_assignment_keys_are_read():
     off = model(batch)
     assert float(base["loss_pseudo"]) > 0 and float(off["loss_pseudo"]) == 0.0
     assert model.sim.hard_assignment is False and model.sim.bce_weight == 0.0 and model.sim.dice_weight == 0.0
+
+
+def test_box_window_resampling_equals_the_full_resize():
+    """ImageFeatures.to_image_window gives the pixels of to_image inside the window (box-local masks)."""
+    from sim_model.modeling.box_queries import ImageFeatures, resize_bilinear_window
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 37, 53, generator=g)
+    for out_hw in ((100, 140), (20, 30), (37, 53), (151, 37)):
+        full = torch.nn.functional.interpolate(x[:, None], size=out_hw, mode="bilinear", align_corners=False)[:, 0]
+        for c0, r0, c1, r1 in ((0, 0, out_hw[1], out_hw[0]), (3, 5, 17, 19), (out_hw[1] - 4, out_hw[0] - 2,
+                                                                                out_hw[1], out_hw[0])):
+            torch.testing.assert_close(resize_bilinear_window(x, out_hw, (c0, r0, c1, r1)), full[:, r0:r1, c0:c1],
+                                       atol=1e-5, rtol=0)
+    feats = ImageFeatures(out=None, net=None, mask_features=None, image_size=(30, 50), padded_size=(32, 64),
+                          mask_stride=4)
+    maps = torch.rand(2, 8, 16, generator=g)
+    whole = feats.to_image(maps, (61, 97))
+    torch.testing.assert_close(feats.to_image_window(maps, (61, 97), (10, 7, 40, 33)), whole[:, 7:33, 10:40],
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(feats.to_image_window(maps, (30, 50), (1, 2, 5, 9)), feats.to_image(maps)[:, 2:9, 1:5])

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from training.registry import ModelRegistry
+from sim_model.registry import LockHeld, ModelRegistry, ProjectLock, adopt_lock
 
 
 def _write_version(reg: ModelRegistry, project, metrics: dict | None = None) -> str:
@@ -163,19 +163,18 @@ def test_class_map_is_stable_and_grows(tmp_path):
     assert json.loads(reg.class_map_path(4).read_text())["labels"][3] == "zebra"
 
 
-def test_cli_lists_versions_and_rolls_back(tmp_path, capsys):
-    from training.registry import main
-
-    reg = ModelRegistry(tmp_path)
-    v1 = _write_version(reg, 6, {"val": {"mIoU": 0.71, "AP": 40.0, "n_masks": 5}})
-    reg.publish(6, v1, reg.read_metrics(6, v1), 0.02)
-    v2 = _write_version(reg, 6, {"val": {"mIoU": 0.5, "n_masks": 5}})
-    reg.publish(6, v2, reg.read_metrics(6, v2), 0.02)  # refused
-    assert main(["--project", "6", "--model-dir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[2].startswith("* v0001") and "0.7100" in out[2] and "40.0" in out[2]
-    assert out[3].startswith("  v0002") and "kept, not served" in out[3]
-    assert main(["--project", "6", "--model-dir", str(tmp_path), "--set-current", "v0002"]) == 0
-    assert reg.current_version(6) == "v0002"
-    assert main(["--project", "6", "--model-dir", str(tmp_path), "--set-current", "v0009"]) == 3
-    assert reg.current_version(6) == "v0002"
+def test_project_lock_is_exclusive_and_adoptable(tmp_path):
+    lock = ProjectLock(tmp_path, 9).acquire()
+    assert lock.is_held() and ProjectLock(tmp_path, 9).is_held()
+    with pytest.raises(LockHeld, match=f"pid {os.getpid()}"):
+        ProjectLock(tmp_path, 9).acquire()
+    assert not ProjectLock(tmp_path, 10).is_held()  # one lock per project
+    adopted = adopt_lock(lock.fd, tmp_path, 9)  # the holder's own descriptor, as handed to a retrain
+    assert adopted.fd == lock.fd
+    with pytest.raises(LockHeld, match="is not"):
+        adopt_lock(os.open(tmp_path, os.O_RDONLY), tmp_path, 9)  # another file
+    lock.release()
+    assert not ProjectLock(tmp_path, 9).is_held()
+    with ProjectLock(tmp_path, 9):
+        assert ProjectLock(tmp_path, 9).is_held()
+    assert not ProjectLock(tmp_path, 9).is_held()

@@ -1,12 +1,14 @@
-"""SIM Eq. 6–8 and 11: positive weights, M_I, rectification, thresholds, pseudo-mask loss, S_k."""
+"""SIM Eq. 6–8 and 11: positive weights, M_I, rectification, thresholds, pseudo-mask loss, S_k, and the chain."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from sim_model.sim.pseudo_masks import (DICE_EPS, instance_map, mask_score, positive_weights, pseudo_mask_loss,
-                                        rectify, threshold_pseudo_mask)
+from sim_model.losses.dice import DICE_EPS
+from sim_model.sim.prototypes import ClassPrototypes
+from sim_model.sim.pseudo_masks import (instance_map, mask_score, positive_weights, pseudo_mask_loss, rectify,
+                                        sim_pseudo_masks, threshold_pseudo_mask)
 
 GT = torch.tensor([0.0, 0.0, 10.0, 10.0])
 # IoU with GT: 1, 0.5, 0
@@ -147,3 +149,55 @@ def test_mask_score_eq11():
     torch.testing.assert_close(mask_score(m_prob, target.bool()), s)
     with pytest.raises(ValueError):
         mask_score(m_prob, target[:1])
+
+
+def _chain_inputs():
+    g = torch.Generator().manual_seed(4)
+    probs = torch.rand(5, 6, 7, generator=g)
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 10.0, 9.0], [0.0, 0.0, 6.0, 10.0],
+                          [20.0, 20.0, 30.0, 30.0], [21.0, 19.0, 30.0, 31.0]])
+    obj = torch.tensor([0, 0, 0, 1, -1])  # the last positive belongs to none of these objects
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0], [40.0, 40.0, 50.0, 50.0]])
+    z = F.normalize(torch.randn(3, 4, 6, 7, generator=g), dim=1)
+    protos = ClassPrototypes(num_classes=3, num_subcenters=2, dim=4, momentum=0.9, seed=1)
+    protos.update(z[0].flatten(1).t()[:20], 1, epsilon=0.05, n_iters=3)  # class 1 gets prototypes
+    return probs, boxes, obj, gt, z, protos
+
+
+def test_chain_composes_eq6_eq1_eq7_eq8_eq11():
+    probs, boxes, obj, gt, z, protos = _chain_inputs()
+    classes = torch.tensor([1, 0, -1])  # with prototypes, never updated, unknown label
+    region = torch.ones(3, 6, 7)
+    region[:, :, 5:] = 0
+    pm = sim_pseudo_masks(probs, boxes, obj, gt, z, classes, protos, mu=5.0, alpha=0.3, tau=0.5, tau_low=0.3,
+                          tau_high=0.7, region=region)
+    m_i0 = instance_map(probs[:3], positive_weights(boxes[:3], gt[0], 5.0))
+    m_i1 = instance_map(probs[3:4], positive_weights(boxes[3:4], gt[1], 5.0))
+    torch.testing.assert_close(pm.instance_map, torch.stack([m_i0, m_i1, torch.zeros(6, 7)]))
+    m_s0, valid = protos.semantic_map(z[:1], [1], 0.5)
+    assert valid.tolist() == [True]
+    expected = torch.stack([0.7 * m_s0[0] + 0.3 * m_i0, m_i1, torch.zeros(6, 7)]) * region
+    torch.testing.assert_close(pm.prob, expected)
+    t, w = threshold_pseudo_mask(expected, 0.3, 0.7)
+    torch.testing.assert_close(pm.target, t)
+    torch.testing.assert_close(pm.weight, w)
+    torch.testing.assert_close(pm.score, mask_score(expected, t))
+    assert not pm.target[:, :, 5:].any()  # nothing outside the region
+
+
+def test_chain_shared_features_resample_and_no_prototypes():
+    probs, boxes, obj, gt, z, protos = _chain_inputs()
+    classes = torch.tensor([1, 1, 1])
+    per_object = sim_pseudo_masks(probs, boxes, obj, gt, z[0].expand(3, -1, -1, -1), classes, protos, mu=5.0,
+                                  alpha=0.5, tau=1.0, tau_low=0.3, tau_high=0.7)
+    shared = sim_pseudo_masks(probs, boxes, obj, gt, z[0], classes, protos, mu=5.0, alpha=0.5, tau=1.0,
+                              tau_low=0.3, tau_high=0.7, resample=lambda m: m[:, 1:4, 2:6])
+    torch.testing.assert_close(shared.prob, per_object.prob[:, 1:4, 2:6])
+    assert shared.target.shape == (3, 3, 4)
+    alone = sim_pseudo_masks(probs, boxes, obj, gt, z[0], classes, None, mu=5.0, alpha=0.5, tau=1.0,
+                             tau_low=0.3, tau_high=0.7)
+    torch.testing.assert_close(alone.prob, alone.instance_map)  # no prototypes: M_I alone
+    assert not torch.allclose(alone.prob[0], per_object.prob[0])
+    with pytest.raises(ValueError, match="class ids"):
+        sim_pseudo_masks(probs, boxes, obj, gt, z[0], classes[:2], protos, mu=5.0, alpha=0.5, tau=1.0,
+                         tau_low=0.3, tau_high=0.7)

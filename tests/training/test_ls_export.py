@@ -6,73 +6,22 @@ export against a running Label Studio is covered by tests/e2e/test_retrain_e2e.p
 """
 from __future__ import annotations
 
-import functools
 import json
-import shutil
 import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
+from detectron2.data.datasets import load_coco_json
+from pycocotools.coco import COCO
 
 from sim_backend.images import ImageLoader
 from sim_backend.settings import Settings
-from sim_model.benchmark import default_data_dir
-from tests.backend_fixtures import coco_config, rect_item
+from sim_model.registry import ModelRegistry
+from sim_backend.label_studio import LabelStudioUnavailable
+from tests.support import (COCO_TRAIN_IMAGES, coco_config, coco_train, coco_train_labels, make_tasks, poly_item,
+                           rect_item)
 from training import ls_export
-from training.registry import ModelRegistry
-
-COCO_TRAIN = default_data_dir() / "train2017"
-TRAIN_JSON = COCO_TRAIN / "annotations" / "instances_train2017.json"
-
-
-@functools.lru_cache(maxsize=1)
-def coco_train():
-    from pycocotools.coco import COCO
-
-    return COCO(str(TRAIN_JSON))
-
-
-def _labels():
-    c = coco_train()
-    return [c.loadCats(i)[0]["name"] for i in sorted(c.getCatIds())]
-
-
-def poly_item(label: str, seg: list[float], width: int, height: int, rid: str) -> dict:
-    """A polygonlabels result item (percent) from a COCO polygon in pixels."""
-    pts = np.asarray(seg, dtype=np.float64).reshape(-1, 2)
-    return {"id": rid, "type": "polygonlabels", "from_name": "poly", "to_name": "image",
-            "original_width": width, "original_height": height, "image_rotation": 0,
-            "value": {"points": [[100 * x / width, 100 * y / height] for x, y in pts], "closed": True,
-                      "polygonlabels": [label]}}
-
-
-def make_tasks(n_images: int = 6, polygons_on: int = 2, image_dir: Path = COCO_TRAIN / "images"):
-    """Label Studio task dicts for the first ``n_images`` coco-mini train2017 images (non-crowd objects).
-
-    Every object gets a rectangle; the objects of the first ``polygons_on`` images with a single-polygon
-    segmentation also get the annotator's polygon (a "corrected" mask), with its own region id.
-    """
-    c = coco_train()
-    tasks, truth = [], {}
-    for k, img_id in enumerate(sorted(c.getImgIds())[:n_images]):
-        info = c.loadImgs(img_id)[0]
-        w, h = info["width"], info["height"]
-        result = []
-        for a in c.loadAnns(c.getAnnIds(imgIds=img_id, iscrowd=False)):
-            label = c.loadCats(a["category_id"])[0]["name"]
-            result.append(rect_item(label, a["bbox"], w, h, rid=f"b{a['id']}"))
-            truth[f"b{a['id']}"] = a
-            if k < polygons_on and isinstance(a["segmentation"], list) and len(a["segmentation"]) == 1 \
-                    and a["area"] > 500:
-                result.append(poly_item(label, a["segmentation"][0], w, h, rid=f"p{a['id']}"))
-                truth[f"p{a['id']}"] = a
-        tasks.append({"id": 1000 + k, "data": {"image": str(image_dir / info["file_name"])},
-                      "updated_at": "2026-11-21T10:00:00Z",
-                      "annotations": [{"id": 50 + k, "was_cancelled": False, "result": result,
-                                       "updated_at": "2026-11-21T10:00:00Z"}]})
-    return tasks, truth
-
 
 @pytest.fixture()
 def loader():
@@ -81,13 +30,11 @@ def loader():
 
 def _export(tasks, tmp_path, loader, labels=None):
     reg = ModelRegistry(tmp_path / "models")
-    return ls_export.export_tasks(tasks, coco_config(labels=labels or _labels()), 9, tmp_path / "cache", reg, loader,
+    return ls_export.export_tasks(tasks, coco_config(labels=labels or coco_train_labels()), 9, tmp_path / "cache", reg, loader,
                                   progress=lambda m: None), reg
 
 
 def test_export_builds_coco_train_boxes_and_val_masks(tmp_path, loader):
-    from pycocotools.coco import COCO
-
     tasks, truth = make_tasks()
     export, reg = _export(tasks, tmp_path, loader)
     train_json, val_json = export.write_coco(tmp_path / "ds")
@@ -121,8 +68,6 @@ def test_export_builds_coco_train_boxes_and_val_masks(tmp_path, loader):
     assert np.mean(ious) > 0.9 and min(ious) > 0.75
 
     # the dataset loads in detectron2 as is
-    from detectron2.data.datasets import load_coco_json
-
     dicts = load_coco_json(str(train_json), str(export.image_dir), dataset_name=None)
     assert sum(len(d["annotations"]) for d in dicts) == n_rect
     assert all(Path(d["file_name"]).is_file() for d in dicts)
@@ -139,7 +84,7 @@ def test_image_cache_is_incremental(tmp_path, loader):
     assert {p.name: p.stat().st_mtime_ns for p in export2.image_dir.iterdir()} == mtimes
     # one task now points at another image: only that one is fetched, its old file goes
     other = sorted(coco_train().getImgIds())[10]
-    tasks[1]["data"]["image"] = str(COCO_TRAIN / "images" / coco_train().loadImgs(other)[0]["file_name"])
+    tasks[1]["data"]["image"] = str(COCO_TRAIN_IMAGES / coco_train().loadImgs(other)[0]["file_name"])
     tasks[1]["updated_at"] = "2026-11-21T11:00:00Z"
     export3, _ = _export(tasks, tmp_path, loader)
     assert (export3.downloaded, export3.reused) == (1, 3)
@@ -178,7 +123,7 @@ def test_broken_tasks_are_skipped_with_a_message(tmp_path, loader):
 
 def test_polygon_without_a_box_trains_and_class_map_grows_stably(tmp_path, loader):
     tasks, truth = make_tasks(n_images=3, polygons_on=1)
-    export1, reg = _export(tasks, tmp_path, loader, labels=_labels())
+    export1, reg = _export(tasks, tmp_path, loader, labels=coco_train_labels())
     labels1 = list(export1.labels)
     # the annotator draws a polygon of a new class, with no rectangle around it
     t = tasks[2]
@@ -186,7 +131,7 @@ def test_polygon_without_a_box_trains_and_class_map_grows_stably(tmp_path, loade
     t["annotations"].append({"id": 77, "result": t["annotations"][0]["result"] + [
         poly_item("zz-new-class", [10, 10, 60, 12, 55, 70, 12, 60], w, h, "pnew")],
         "updated_at": "2026-11-21T12:00:00Z"})
-    export2, _ = ls_export.export_tasks(tasks, coco_config(labels=_labels() + ["zz-new-class"]), 9,
+    export2, _ = ls_export.export_tasks(tasks, coco_config(labels=coco_train_labels() + ["zz-new-class"]), 9,
                                         tmp_path / "cache", reg, loader, progress=lambda m: None), None
     assert export2.labels[: len(labels1)] == labels1 and export2.labels[len(labels1):] == ["zz-new-class"]
     task2 = next(x for x in export2.tasks if x.task_id == t["id"])
@@ -209,7 +154,7 @@ def test_label_studio_down_aborts_the_export(tmp_path):
                                   image_fetch_timeout_s=2))
     tasks, _ = make_tasks(n_images=2, polygons_on=0)
     tasks[1]["data"]["image"] = "/data/upload/9/x.jpg"
-    with pytest.raises(ls_export.LabelStudioUnavailable, match="stopped answering.*task 1001"):
+    with pytest.raises(LabelStudioUnavailable, match="stopped answering.*task 1001"):
         _export(tasks, tmp_path, loader)
-    with pytest.raises(ls_export.LabelStudioUnavailable, match="does not answer"):
+    with pytest.raises(LabelStudioUnavailable, match="does not answer"):
         ls_export.export_project(9, url, "k", tmp_path / "cache", ModelRegistry(tmp_path / "m"), timeout=2)

@@ -1,14 +1,15 @@
-"""A checkpoint restores iteration, optimizer, scheduler, teacher, prototypes and memory bank (issue 3 item 4)."""
+"""A checkpoint restores iteration, optimizer, scheduler, teacher, prototypes and memory bank."""
 import os
 
 import pytest
 import torch
 
-from training.train import COCO_MINI, Trainer, build_config
+from sim_model.datasets import REPO_ROOT, coco_mini_dir
+from training.train import Trainer, build_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(REPO_ROOT)
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(COCO_MINI), reason="coco-mini data not available")
+pytestmark = pytest.mark.skipif(not coco_mini_dir().is_dir(), reason="coco-mini data not available")
 
 
 def _cfg(out_dir, max_iter):

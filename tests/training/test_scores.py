@@ -8,21 +8,22 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from PIL import Image
+
 from sim_backend.images import ImageLoader
 from sim_backend.settings import Settings
+from sim_model.datasets import REPO_ROOT as REPO
 from sim_model.engines.grabcut import GrabCutBoxToMask
-from tests.backend_fixtures import coco_config
-from tests.test_ls_export import _labels, make_tasks
+from sim_model.registry import ModelRegistry
+from tests.support import coco_config, coco_train_labels, make_tasks
 from training import ls_export, scores
-from training.registry import ModelRegistry
-
-REPO = Path(__file__).resolve().parent.parent
+from training.predictions import predict_task
+from training.score_store import ScoreDB
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +31,9 @@ def scored(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("scores")
     reg = ModelRegistry(tmp / "models")
     tasks, _ = make_tasks(n_images=3, polygons_on=0)
-    export = ls_export.export_tasks(tasks, coco_config(labels=_labels()), 5, tmp / "cache", reg,
+    export = ls_export.export_tasks(tasks, coco_config(labels=coco_train_labels()), 5, tmp / "cache", reg,
                                     ImageLoader(Settings(image_cache_size=0)), progress=lambda m: None)
-    db = scores.ScoreDB.for_project(reg.root, 5)
+    db = ScoreDB.for_project(reg.root, 5)
     engine = GrabCutBoxToMask()
     cv2.setRNGSeed(1234)  # GrabCut's k-means initialisation draws from OpenCV's RNG
     stats = scores.compute_scores(engine, export, "v0001", db, progress=lambda m: None)
@@ -50,9 +51,10 @@ def test_table_holds_one_row_per_box_and_version(scored):
     # the stored S_k is the engine's score for that box
     task = export.tasks[0]
     cv2.setRNGSeed(1234)
-    regions, _, s, _ = scores.predict_task(engine, task)
+    pred = predict_task(engine, task)
     stored = {(r["task"], r["region"]): r["score"] for r in rows}
-    assert np.allclose([stored[(task.task_id, r.region_id)] for r in regions], s, atol=1e-6)
+    assert np.allclose([stored[(task.task_id, task.boxes[i].region_id)] for i in pred.kept], pred.masks.scores,
+                       atol=1e-6)
     # another version adds rows; re-scoring a version replaces its rows, never duplicates them
     db.put([dict(rows[0], version="v0002", score=0.5)])
     db.put([dict(rows[0], version="v0002", score=0.25)])
@@ -76,8 +78,6 @@ def test_cli_prints_worst_boxes_and_writes_csv_and_histogram(scored):
         got = list(csv.DictReader(f))
     assert len(got) == len(rows) and float(got[0]["score"]) == pytest.approx(rows[0]["score"])
     assert set(got[0]) >= {"task", "region", "version", "label", "score", "x0", "y1"}
-    from PIL import Image
-
     with Image.open(out_png) as im:
         assert im.format == "PNG" and im.size == (600, 350)
         px = np.asarray(im.convert("L"))

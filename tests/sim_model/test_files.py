@@ -1,0 +1,41 @@
+"""Atomic writes (sim_model.files): readers never see a partial file; failures leave the target alone."""
+import os
+import threading
+
+import pytest
+
+from sim_model.files import atomic_write_bytes, atomic_write_text
+
+
+def test_write_creates_folders_and_replaces_whole_files(tmp_path):
+    p = atomic_write_text(tmp_path / "a" / "b.json", "first")
+    assert p.read_text() == "first"
+    atomic_write_bytes(p, b"second")
+    assert p.read_bytes() == b"second"
+    assert os.listdir(p.parent) == ["b.json"]  # no temporary left behind
+
+
+def test_concurrent_readers_see_old_or_new_never_a_part(tmp_path):
+    p = tmp_path / "x"
+    old, new = b"a" * 200_000, b"b" * 300_000
+    atomic_write_bytes(p, old)
+    seen, stop = set(), threading.Event()
+
+    def read():
+        while not stop.is_set():
+            seen.add(p.read_bytes())
+
+    t = threading.Thread(target=read)
+    t.start()
+    for i in range(50):
+        atomic_write_bytes(p, new if i % 2 == 0 else old)
+    stop.set()
+    t.join()
+    assert seen <= {old, new}
+
+
+def test_a_failed_write_leaves_the_target_and_no_temporary(tmp_path):
+    p = atomic_write_text(tmp_path / "keep.txt", "kept")
+    with pytest.raises(TypeError):
+        atomic_write_bytes(p, "not bytes")  # type: ignore[arg-type]
+    assert p.read_text() == "kept" and os.listdir(tmp_path) == ["keep.txt"]
