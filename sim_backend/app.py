@@ -1,25 +1,30 @@
 """Flask app factory: the Label Studio ML backend routes (the protocol of Label Studio 1.23).
 
 Routes:
-    GET  /health    → 200 ``{"status": "UP", "model_class": …}`` (no model work).
+    GET  /health    → 200 ``{"status": "UP", …}`` (no model work, no authentication).
     POST /setup     ``{project, schema, hostname, access_token}`` → ``{"model_version": …}``; 400 when
                     the schema lacks a box source or a mask target. Starts loading the project's model
-                    in the background.
+                    in the background. ``hostname``/``access_token`` are used only with basic auth on and
+                    LABEL_STUDIO_URL/_API_KEY unset (:meth:`ImageLoader.remember_label_studio`).
     POST /predict   ``{tasks, project, label_config, params}`` → ``{"results": [… one per task]}``
-                    (see :mod:`sim_backend.predict`); works without a prior /setup (multi-worker).
+                    (:mod:`sim_backend.predict`); works without a prior /setup (multi-worker).
     POST /webhook   Label Studio events → :func:`sim_backend.webhook.on_webhook` (starts retrains).
     GET  /versions  ``?project=<id>`` → ``{"versions": [...], "current": …}``.
 
-Malformed JSON and requests without tasks are answered 400 with a message.
+With BASIC_AUTH_USER / BASIC_AUTH_PASS set, every route but /health answers 401 without them (compared
+in constant time). Every error is a JSON body ``{"status": "error", "error": …}``: 400 for a malformed
+request, 401, 404, 405, 413 for a body above MAX_REQUEST_BYTES, 500 (with no internal detail) for a bug.
 """
 from __future__ import annotations
 
+import hmac
 import logging
 
-from flask import Flask, jsonify, request
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
 
 from .engines import EngineProvider
-from .images import ImageLoader
+from .images import ImageLoader, quoted
 from .label_config import LabelConfigError, parse_label_config
 from .predict import BadRequest, Predictor, project_id
 from .settings import Settings
@@ -27,8 +32,11 @@ from .webhook import on_webhook
 
 log = logging.getLogger(__name__)
 
+#: Routes that answer without authentication (Label Studio and orchestrators probe them).
+OPEN_PATHS = ("/health", "/")
 
-def _json_body():
+
+def _json_body() -> dict:
     """The request's JSON object, or raise BadRequest with a clear message."""
     payload = request.get_json(force=True, silent=True)
     if payload is None:
@@ -39,6 +47,19 @@ def _json_body():
     if not isinstance(payload, dict):
         raise BadRequest(f"the request body must be a JSON object, got {type(payload).__name__}")
     return payload
+
+
+def _authorized(settings: Settings) -> bool:
+    auth = request.authorization
+    if auth is None or auth.type != "basic":
+        return False
+    ok_user = hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())
+    ok_pass = hmac.compare_digest((auth.password or "").encode(), settings.basic_auth_pass.encode())
+    return ok_user and ok_pass
+
+
+def _error(status: int, message: str) -> tuple[Response, int]:
+    return jsonify({"status": "error", "error": message}), status
 
 
 def create_app(settings: Settings | None = None, engine_provider: EngineProvider | None = None,
@@ -59,13 +80,34 @@ def create_app(settings: Settings | None = None, engine_provider: EngineProvider
     predictor = Predictor(settings, engines, images)
 
     app = Flask("sim_backend")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["sim_backend"] = {"settings": settings, "engines": engines, "images": images,
                                      "predictor": predictor}
+
+    @app.before_request
+    def _authenticate():
+        if settings.basic_auth and request.path not in OPEN_PATHS and not _authorized(settings):
+            resp, code = _error(401, "authentication required (HTTP basic auth: the backend's BASIC_AUTH_USER "
+                                     "and BASIC_AUTH_PASS)")
+            resp.headers["WWW-Authenticate"] = 'Basic realm="sim-prelabels"'
+            return resp, code
+        return None
 
     @app.errorhandler(BadRequest)
     def _bad_request(e: BadRequest):
         log.warning("400 %s %s: %s", request.method, request.path, e)
-        return jsonify({"status": "error", "error": str(e)}), 400
+        return _error(400, str(e))
+
+    @app.errorhandler(HTTPException)
+    def _http_error(e: HTTPException):
+        if e.code == 413:
+            return _error(413, f"the request body is larger than MAX_REQUEST_BYTES={settings.max_request_bytes}")
+        return _error(e.code or 500, e.description or e.name)
+
+    @app.errorhandler(Exception)
+    def _internal_error(e: Exception):
+        log.exception("500 %s %s", request.method, request.path)
+        return _error(500, f"internal error ({e.__class__.__name__}); see the backend's log")
 
     @app.get("/health")
     @app.get("/")
@@ -79,6 +121,8 @@ def create_app(settings: Settings | None = None, engine_provider: EngineProvider
         schema = payload.get("schema") or payload.get("label_config")
         if not schema:
             raise BadRequest("/setup needs the project's labeling config in 'schema'")
+        if not isinstance(schema, str):
+            raise BadRequest(f"'schema' must be the labeling config as an XML string, got {type(schema).__name__}")
         try:
             parse_label_config(schema)
         except LabelConfigError as e:
@@ -100,9 +144,9 @@ def create_app(settings: Settings | None = None, engine_provider: EngineProvider
         try:
             answer = on_webhook(payload, settings)
         except Exception as e:
-            log.exception("webhook %s failed", payload.get("action"))
-            return jsonify({"status": "error", "error": f"{e.__class__.__name__}: {e}"}), 500
-        return jsonify(answer if isinstance(answer, dict) else {"status": "ok", "result": answer})
+            log.exception("webhook %s failed", quoted(payload.get("action"), 40))
+            return _error(500, f"webhook failed ({e.__class__.__name__}); see the backend's log")
+        return jsonify(answer)
 
     @app.get("/versions")
     def versions():

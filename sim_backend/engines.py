@@ -34,7 +34,7 @@ class EngineProvider:
         fallback_factory: builds the engine served without a (loadable) model version; default
             :func:`sim_model.engines.cold_start_engine`. Built once, lazily.
         sim_loader: builds an engine from a version directory; default
-            :func:`sim_model.engines.version_engine`.
+            :func:`sim_model.engines.version_engine` on ``settings.device``.
 
     Thread-safe. ``project`` arguments may be None (no project known: the fallback serves).
     """
@@ -44,7 +44,7 @@ class EngineProvider:
         self.settings = settings
         self.registry = ModelRegistry(settings.model_dir)
         self._fallback_factory = fallback_factory or cold_start_engine
-        self._sim_loader = sim_loader or version_engine
+        self._sim_loader = sim_loader or (lambda vdir: version_engine(vdir, settings.device))
         self._fallback: BoxToMask | None = None
         self._engines: dict[str, tuple[str, BoxToMask]] = {}   # project -> (version, engine)
         self._failed: dict[tuple[str, str], float] = {}         # (project, version) -> time of failure

@@ -1,53 +1,97 @@
-"""Fetch and decode task images: Label Studio URLs (with the API token), http(s) URLs, local files.
+"""Fetch and decode task images, from where they may come and within bounded memory and time.
 
-Accepted image fields:
+Where an image field may point (:meth:`ImageLoader.resolve`):
 
-* ``/data/upload/…`` and ``/data/local-files/?d=…`` (and the other :data:`LABEL_STUDIO_PATHS`,
-  unless such a local file exists): fetched from ``LABEL_STUDIO_URL`` with the header
-  ``Authorization: Token <LABEL_STUDIO_API_KEY>``;
-* ``http(s)://…``: fetched as is; the token is added only when the URL is on ``LABEL_STUDIO_URL``;
-* a local file path, or ``file://…``.
+* Label Studio's own files — ``/data/upload/…``, ``/data/local-files/?d=…`` (and the other
+  :data:`LABEL_STUDIO_PATHS`), or an absolute URL on Label Studio's origin: fetched from
+  ``LABEL_STUDIO_URL`` with the key of :class:`sim_backend.label_studio.LabelStudioConnection` (a PAT's
+  access token, or a legacy token); a path that climbs out (``..``) is refused;
+* other ``http(s)://`` URLs: fetched without any key, only when the host resolves to public addresses
+  (private, loopback, link-local and reserved ones are refused unless the host is in
+  ``IMAGE_HOSTS_ALLOWED``), checked again at every redirect;
+* local files (a path or ``file://``): only regular files inside one of ``LOCAL_FILES_ROOTS`` (none by
+  default), after resolving symlinks; FIFOs, devices and symlinks that leave the roots are refused.
 
-Decoded images are kept in a per-process LRU cache keyed by the image field. EXIF orientation is
-applied (browsers, hence Label Studio's percent coordinates, show images upright). Anything that
-goes wrong raises :class:`ImageLoadError` with a message fit for a per-task error.
+Bounds: ``MAX_IMAGE_BYTES`` (a local file's size, a download's Content-Length, then a capped streamed
+read), ``IMAGE_FETCH_DEADLINE_S`` for a whole download (every redirect and read included; reads return
+as soon as data arrive, so a server that drips bytes cannot hold it longer), ``MAX_IMAGE_PIXELS`` before
+decoding, and a per-process cache of decoded images bounded by ``IMAGE_CACHE_BYTES`` and keyed by the
+canonical location (one image under several spellings is cached once). EXIF orientation is applied
+(browsers, hence Label Studio's percent coordinates, show images upright); 16-bit and other unusual
+modes are scaled to 8 bits per channel. Anything that goes wrong raises :class:`ImageLoadError` with a
+short message fit for a per-task error: what was refused and why, never a response body.
 """
 from __future__ import annotations
 
 import io
+import ipaddress
 import logging
+import os
+import socket
+import stat
 import threading
+import time
 import urllib.parse
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .label_studio import LabelStudioConnection, LabelStudioError, origin
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-
-#: Path prefixes that Label Studio serves (uploads, local files, cloud-storage proxy, API).
-LABEL_STUDIO_PATHS = ("/data/", "/tasks/", "/storage-data/", "/api/")
+#: Path prefixes that Label Studio serves (uploads, local files, cloud-storage proxy, task resolver).
+LABEL_STUDIO_PATHS = ("/data/upload/", "/data/local-files/", "/storage-data/", "/tasks/")
+#: Redirects followed by one download at most.
+MAX_REDIRECTS = 5
+#: Characters of an image field, URL or path quoted in a message.
+QUOTE_CHARS = 120
+_CHUNK = 1 << 16
 
 
 class ImageLoadError(RuntimeError):
-    """The task image cannot be fetched or decoded (unreachable, not an image, too large, …)."""
+    """The task image cannot be fetched or decoded (refused, unreachable, not an image, too large, …)."""
+
+
+def quoted(value: object, limit: int = QUOTE_CHARS) -> str:
+    """``repr`` of a value cut to ``limit`` characters (what messages and logs may echo of user input)."""
+    text = repr(value) if not isinstance(value, str) else repr(value[: limit + 1])
+    return text if len(text) <= limit + 2 else text[: limit] + "…'"
+
+
+def _to_uint8(im: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of any PIL mode, 16-bit and float images scaled to 8 bits per channel."""
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im)
+        if im.mode == "F":
+            a = a.astype(np.float64)
+            a = a * 255.0 if np.nanmax(a) <= 1.0 else a
+            a = np.clip(np.nan_to_num(a), 0, 255)
+        else:
+            a = a.astype(np.int64)
+            top = int(a.max()) if a.size else 0
+            a = a >> 8 if top <= 0xFFFF else (a * 255 // max(top, 1))
+            a = np.clip(a, 0, 255)
+        return np.repeat(a.astype(np.uint8)[:, :, None], 3, axis=2)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
 def decode_image(data: bytes, max_pixels: int, source: str = "image") -> np.ndarray:
-    """Decode image bytes to an upright RGB array.
+    """Decode image bytes to an upright 8-bit RGB array.
 
     Args:
-        data: encoded image (JPEG, PNG, …).
+        data: encoded image (JPEG, PNG, TIFF, …).
         max_pixels: largest accepted width x height, checked before the pixels are decoded.
-        source: name of the image for error messages.
+        source: name of the image for error messages (already quoted and cut by the caller).
 
     Returns:
-        (H, W, 3) uint8 RGB with the EXIF orientation applied (``PIL.ImageOps.exif_transpose``).
+        (H, W, 3) uint8 RGB with the EXIF orientation applied (``PIL.ImageOps.exif_transpose``); 16-bit
+        images keep their top 8 bits, float images in [0, 1] are scaled by 255.
 
     Raises:
         ImageLoadError: not a decodable image, or more than ``max_pixels`` pixels.
@@ -58,122 +102,304 @@ def decode_image(data: bytes, max_pixels: int, source: str = "image") -> np.ndar
             if w * h > max_pixels:
                 raise ImageLoadError(f"{source} is {w}x{h} = {w * h} pixels, above MAX_IMAGE_PIXELS={max_pixels}")
             im.load()
-            im = ImageOps.exif_transpose(im)
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            arr = _to_uint8(ImageOps.exif_transpose(im))
     except ImageLoadError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-        raise ImageLoadError(f"{source} is not a readable image: {e}") from e
+        raise ImageLoadError(f"{source} is not a readable image: {str(e)[:QUOTE_CHARS]}") from e
     return np.ascontiguousarray(arr)
 
 
+@dataclass(frozen=True)
+class ImageSource:
+    """Where an image field points, as :meth:`ImageLoader.resolve` decided.
+
+    Attributes:
+        kind: "file" (a local file), "label_studio" (Label Studio's origin, sent the key) or "web".
+        location: the canonical path or URL (the cache key).
+    """
+
+    kind: str
+    location: str
+
+
+def _canonical_url(url: str) -> str:
+    """The URL with its scheme and host in lower case, without a default port, credentials or fragment."""
+    u = urllib.parse.urlsplit(url)
+    scheme, host, port = origin(url)
+    name = f"[{host}]" if ":" in host else host
+    netloc = name if port == {"http": 80, "https": 443}.get(scheme) else f"{name}:{port}"
+    return urllib.parse.urlunsplit((scheme, netloc, u.path or "/", u.query, ""))
+
+
+def _climbs(path: str) -> bool:
+    """Whether a URL path (or a ``d=`` file parameter) has a ``..`` segment once percent-decoded."""
+    decoded = urllib.parse.unquote(urllib.parse.unquote(path))
+    return ".." in decoded.replace("\\", "/").split("/")
+
+
 class ImageLoader:
-    """Load task images with an LRU cache.
+    """Load task images (module docstring).
 
     Args:
-        settings: uses ``label_studio_url``, ``label_studio_api_key``, ``max_image_pixels``,
-            ``image_cache_size`` and ``image_fetch_timeout_s``.
+        settings: the limits, the roots of local files, the allowed hosts, Label Studio's URL and key.
         session: optional ``requests.Session`` (connection reuse; tests).
+        connection: Label Studio connection to use (default: one from ``settings``' URL and key, if both set).
 
     Thread-safe; one instance per process is enough.
     """
 
-    def __init__(self, settings: Settings, session: requests.Session | None = None):
+    def __init__(self, settings: Settings, session: requests.Session | None = None,
+                 connection: LabelStudioConnection | None = None):
         self.settings = settings
         self._session = session or requests.Session()
+        self._session.trust_env = False  # no proxies or .netrc credentials from the environment
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_bytes = 0
         self._lock = threading.Lock()
-        # Fallbacks learnt from /setup (hostname, access_token) when the environment lacks them.
-        self._ls_url_fallback = ""
-        self._ls_key_fallback = ""
+        if connection is None and settings.label_studio_url and settings.label_studio_api_key:
+            connection = LabelStudioConnection(settings.label_studio_url, settings.label_studio_api_key,
+                                               settings.image_fetch_timeout_s)
+        self.connection = connection
+        self._roots = tuple(str(Path(r).resolve()) for r in settings.local_files_roots)
 
     # -- Label Studio connection ------------------------------------------------------------
-    def remember_label_studio(self, hostname: str | None, access_token: str | None) -> None:
-        """Use /setup's ``hostname`` and ``access_token`` when LABEL_STUDIO_URL / _API_KEY are unset."""
-        if hostname:
-            self._ls_url_fallback = str(hostname).rstrip("/")
-        if access_token:
-            self._ls_key_fallback = str(access_token)
-
     @property
     def label_studio_url(self) -> str:
-        return self.settings.label_studio_url or self._ls_url_fallback
+        """Label Studio's base URL ("" when unknown)."""
+        return self.connection.url if self.connection is not None else ""
 
-    @property
-    def label_studio_api_key(self) -> str:
-        return self.settings.label_studio_api_key or self._ls_key_fallback
+    def remember_label_studio(self, hostname: str | None, access_token: str | None) -> bool:
+        """Use /setup's ``hostname`` and ``access_token`` as Label Studio's URL and key.
 
-    def resolve(self, url: str) -> tuple[str, str, dict]:
-        """Decide how to read an image field.
+        Only when the backend requires basic auth (so that the caller is a Label Studio that knows the
+        backend's password) and the environment does not set LABEL_STUDIO_URL / _API_KEY: an anonymous
+        /setup must never redirect the key, nor the backend's image fetches, to another host.
 
         Returns:
-            (kind, location, headers): kind is ``"file"`` (location: a path) or ``"http"``
-            (location: an absolute URL; headers carry the token for Label Studio URLs).
+            Whether they are used.
+        """
+        s = self.settings
+        if s.label_studio_url and s.label_studio_api_key:
+            return False
+        if not s.basic_auth:
+            if hostname or access_token:
+                log.warning("/setup sent hostname %s and a token: ignored (set LABEL_STUDIO_URL and "
+                            "LABEL_STUDIO_API_KEY, or BASIC_AUTH_USER/BASIC_AUTH_PASS to accept them)",
+                            quoted(hostname))
+            return False
+        url = s.label_studio_url or str(hostname or "").rstrip("/")
+        key = s.label_studio_api_key or str(access_token or "")
+        if not url or not key or origin(url)[0] not in ("http", "https"):
+            return False
+        with self._lock:
+            if self.connection is None or (self.connection.url, self.connection.api_key) != (url, key):
+                self.connection = LabelStudioConnection(url, key, s.image_fetch_timeout_s)
+        return True
+
+    # -- where an image comes from ------------------------------------------------------------
+    def resolve(self, field) -> ImageSource:
+        """Decide where an image field points and whether that is allowed (module docstring).
 
         Raises:
-            ImageLoadError: an empty field, an unsupported scheme (s3://, gs://, …), or a Label Studio
-                path while LABEL_STUDIO_URL is unknown.
+            ImageLoadError: not a non-empty string, an unsupported scheme, a Label Studio path without a
+                known Label Studio or one that climbs out (``..``), or a local path outside the roots.
         """
-        if not isinstance(url, str) or not url.strip():
-            raise ImageLoadError(f"image field is empty or not a string: {url!r}")
-        url = url.strip()
-        parsed = urllib.parse.urlparse(url)
+        if not isinstance(field, str) or not field.strip():
+            raise ImageLoadError(f"the image field must be a non-empty string (a URL or a path), got "
+                                 f"{type(field).__name__} {quoted(field, 60)}")
+        if len(field) > 8192:
+            raise ImageLoadError(f"the image field is {len(field)} characters long, more than a URL or path can be: "
+                                 f"{quoted(field)}")
+        value = field.strip()
+        parsed = urllib.parse.urlsplit(value)
         scheme = parsed.scheme.lower()
-        ls_url = self.label_studio_url
-        token = {"Authorization": f"Token {self.label_studio_api_key}"} if self.label_studio_api_key else {}
         if scheme in ("http", "https"):
-            on_ls = bool(ls_url) and url.startswith(ls_url + "/")
-            return "http", url, (token if on_ls else {})
+            if self.connection is not None and self.connection.owns(value):
+                return self._label_studio(parsed.path, parsed.query, value)
+            return ImageSource("web", _canonical_url(value))
         if scheme == "file":
-            return "file", urllib.parse.unquote(parsed.path), {}
+            return ImageSource("file", self._local(urllib.parse.unquote(parsed.path)))
         if scheme and len(scheme) > 1:  # (one letter: a Windows drive)
-            raise ImageLoadError(f"unsupported image URL scheme {scheme!r} in {url!r}")
-        if url.startswith(LABEL_STUDIO_PATHS) and not Path(url).is_file():
-            if not ls_url:
-                raise ImageLoadError(
-                    f"{url!r} is a Label Studio path but LABEL_STUDIO_URL is not set (nor sent by /setup)")
-            return "http", ls_url + url, token
-        return "file", url, {}
+            raise ImageLoadError(f"unsupported image URL scheme {scheme!r} in {quoted(value)}")
+        if value.startswith("/data/") or value.startswith(LABEL_STUDIO_PATHS):
+            if self._under_roots(os.path.realpath(value)) and os.path.isfile(value):
+                return ImageSource("file", os.path.realpath(value))  # a local copy of Label Studio's files
+            if self.connection is None:
+                raise ImageLoadError(f"{quoted(value)} is a Label Studio path but LABEL_STUDIO_URL and "
+                                     f"LABEL_STUDIO_API_KEY are not set")
+            return self._label_studio(parsed.path, parsed.query, self.connection.url + value)
+        return ImageSource("file", self._local(value))
 
-    # -- loading -------------------------------------------------------------------------------
-    def _fetch(self, url: str) -> bytes:
-        kind, location, headers = self.resolve(url)
-        if kind == "file":
-            try:
-                return Path(location).read_bytes()
-            except OSError as e:
-                raise ImageLoadError(f"cannot read image file {location!r}: {e.strerror or e}") from e
+    def _label_studio(self, path: str, query: str, url: str) -> ImageSource:
+        files = urllib.parse.parse_qs(query).get("d", [])
+        if _climbs(path) or any(_climbs(d) for d in files) or not path.startswith(LABEL_STUDIO_PATHS):
+            raise ImageLoadError(f"refused {quoted(url)}: not a Label Studio file path (it must start with one of "
+                                 f"{', '.join(LABEL_STUDIO_PATHS)} and hold no '..')")
+        return ImageSource("label_studio", _canonical_url(url))
+
+    def _under_roots(self, real: str) -> bool:
+        return any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in self._roots)
+
+    def _local(self, path: str) -> str:
+        if not self._roots:
+            raise ImageLoadError(f"refused local file {quoted(path)}: no LOCAL_FILES_ROOTS are configured")
+        real = os.path.realpath(path)
+        if not self._under_roots(real):
+            raise ImageLoadError(f"refused local file {quoted(path)}: outside LOCAL_FILES_ROOTS "
+                                 f"(symlinks are resolved)")
+        return real
+
+    # -- reading -------------------------------------------------------------------------------
+    def _read_file(self, path: str, source: str) -> bytes:
         try:
-            r = self._session.get(location, headers=headers, timeout=self.settings.image_fetch_timeout_s)
-        except requests.RequestException as e:
-            raise ImageLoadError(f"cannot fetch {location}: {e.__class__.__name__}: {e}") from e
-        if r.status_code != 200:
-            hint = " (check LABEL_STUDIO_API_KEY)" if r.status_code in (401, 403) else ""
-            raise ImageLoadError(f"fetching {location} returned HTTP {r.status_code}{hint}")
-        return r.content
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        except OSError as e:
+            raise ImageLoadError(f"cannot read image file {source}: {e.strerror or e.__class__.__name__}") from e
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageLoadError(f"refused {source}: not a regular file")
+            if st.st_size > self.settings.max_image_bytes:
+                raise ImageLoadError(f"refused {source}: {st.st_size} bytes, above MAX_IMAGE_BYTES="
+                                     f"{self.settings.max_image_bytes}")
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read(self.settings.max_image_bytes + 1)
+        finally:
+            os.close(fd)
+        if len(data) > self.settings.max_image_bytes:
+            raise ImageLoadError(f"refused {source}: above MAX_IMAGE_BYTES={self.settings.max_image_bytes}")
+        return data
 
-    def load(self, url: str) -> np.ndarray:
+    def _check_host(self, url: str, source: str) -> None:
+        """Refuse a web host that resolves to a non-public address, unless IMAGE_HOSTS_ALLOWED names it."""
+        scheme, host, port = origin(url)
+        if scheme not in ("http", "https") or not host:
+            raise ImageLoadError(f"refused {source}: only http(s) URLs with a host can be fetched")
+        allowed = self.settings.image_hosts_allowed
+        if host in allowed:
+            return
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError):
+            raise ImageLoadError(f"cannot fetch {source}: the host {quoted(host, 60)} does not resolve") from None
+        nets = [ipaddress.ip_network(a, strict=False) for a in allowed if "/" in a]
+        for info in infos:
+            ip = ipaddress.ip_address(info[4][0].split("%")[0])
+            if getattr(ip, "ipv4_mapped", None):
+                ip = ip.ipv4_mapped
+            if str(ip) in allowed or any(ip in n for n in nets if n.version == ip.version):
+                continue
+            if not ip.is_global or ip.is_multicast:
+                raise ImageLoadError(f"refused {source}: its host resolves to a private, loopback or link-local "
+                                     f"address (add the host to IMAGE_HOSTS_ALLOWED to allow it)")
+
+    def _fetch(self, src: ImageSource, source: str, deadline: float) -> bytes:
+        """Download an image: redirects followed by hand (each target checked), the key to Label Studio only."""
+        s = self.settings
+        url, refreshed = src.location, False
+        for _ in range(MAX_REDIRECTS + 1):
+            to_ls = self.connection is not None and self.connection.owns(url)
+            if not to_ls:
+                self._check_host(url, source)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ImageLoadError(f"cannot fetch {source}: IMAGE_FETCH_DEADLINE_S={s.image_fetch_deadline_s} "
+                                     f"exceeded")
+            try:
+                headers = self.connection.auth_headers() if to_ls else {}
+            except LabelStudioError as e:
+                raise ImageLoadError(f"cannot fetch {source}: {e}") from e
+            timeout = min(s.image_fetch_timeout_s, left)
+            try:
+                r = self._session.get(url, headers=headers, stream=True, allow_redirects=False,
+                                      timeout=(timeout, timeout))
+            except requests.Timeout:
+                raise ImageLoadError(f"cannot fetch {source}: timed out") from None
+            except requests.RequestException as e:
+                raise ImageLoadError(f"cannot fetch {source}: connection failed ({e.__class__.__name__})") from e
+            with r:
+                if r.is_redirect and r.headers.get("Location"):
+                    url = urllib.parse.urljoin(url, r.headers["Location"])
+                    continue
+                if r.status_code == 401 and to_ls and not refreshed:
+                    self.connection.refresh()  # an access token revoked or expired early: exchange the PAT again
+                    refreshed = True
+                    continue
+                if r.status_code != 200:
+                    hint = (f" (check LABEL_STUDIO_API_KEY: Label Studio refused the {self.connection.kind})"
+                            if to_ls and r.status_code in (401, 403) else "")
+                    raise ImageLoadError(f"fetching {source} returned HTTP {r.status_code}{hint}")
+                return self._read_body(r, source, deadline)
+        raise ImageLoadError(f"cannot fetch {source}: more than {MAX_REDIRECTS} redirects")
+
+    def _read_body(self, r: requests.Response, source: str, deadline: float) -> bytes:
+        cap = self.settings.max_image_bytes
+        length = r.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > cap:
+            raise ImageLoadError(f"refused {source}: Content-Length {length} above MAX_IMAGE_BYTES={cap}")
+        buf = bytearray()
+        try:
+            while True:
+                if time.monotonic() > deadline:
+                    raise ImageLoadError(f"cannot fetch {source}: IMAGE_FETCH_DEADLINE_S="
+                                         f"{self.settings.image_fetch_deadline_s} exceeded")
+                chunk = r.raw.read1(_CHUNK, decode_content=True)  # returns what has arrived, not a full chunk
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) > cap:
+                    raise ImageLoadError(f"refused {source}: more than MAX_IMAGE_BYTES={cap} bytes")
+        except (requests.RequestException, OSError, ValueError) as e:
+            raise ImageLoadError(f"cannot fetch {source}: the download broke off ({e.__class__.__name__})") from e
+        return bytes(buf)
+
+    def load(self, field, deadline: float | None = None) -> np.ndarray:
         """The upright RGB image of a task image field.
 
         Args:
-            url: the task's image field (see the module docstring for accepted forms).
+            field: the task's image field (module docstring).
+            deadline: ``time.monotonic()`` by which a download must end (default: IMAGE_FETCH_DEADLINE_S
+                from now; the earlier of both when given).
 
         Returns:
-            (H, W, 3) uint8 RGB, shared with the cache: do not modify it in place.
+            (H, W, 3) uint8 RGB, shared with the cache: read-only.
 
         Raises:
-            ImageLoadError: unreachable, unreadable, not an image, or above MAX_IMAGE_PIXELS.
+            ImageLoadError: refused, unreachable, unreadable, not an image, or above a limit.
         """
+        src = self.resolve(field)
         with self._lock:
-            if url in self._cache:
-                self._cache.move_to_end(url)
-                return self._cache[url]
-        image = decode_image(self._fetch(url), self.settings.max_image_pixels, source=repr(url))
+            hit = self._cache.get(src.location)
+            if hit is not None:
+                self._cache.move_to_end(src.location)
+                return hit
+        source = quoted(field)
+        end = time.monotonic() + self.settings.image_fetch_deadline_s
+        end = min(end, deadline) if deadline is not None else end
+        data = self._read_file(src.location, source) if src.kind == "file" else self._fetch(src, source, end)
+        image = decode_image(data, self.settings.max_image_pixels, source=source)
         image.setflags(write=False)
-        if self.settings.image_cache_size > 0:
-            with self._lock:
-                self._cache[url] = image
-                self._cache.move_to_end(url)
-                while len(self._cache) > self.settings.image_cache_size:
-                    self._cache.popitem(last=False)
+        self._remember(src.location, image)
         return image
+
+    def _remember(self, key: str, image: np.ndarray) -> None:
+        cap = self.settings.image_cache_bytes
+        if image.nbytes > cap:
+            return
+        with self._lock:
+            if key in self._cache:
+                return
+            self._cache[key] = image
+            self._cache_bytes += image.nbytes
+            while self._cache_bytes > cap:
+                _, old = self._cache.popitem(last=False)
+                self._cache_bytes -= old.nbytes
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of decoded images held by the cache now."""
+        return self._cache_bytes
+
+
+__all__ = ["ImageLoader", "ImageLoadError", "ImageSource", "decode_image", "quoted", "LABEL_STUDIO_PATHS"]

@@ -122,13 +122,15 @@ def mask_to_brush_rle(mask: np.ndarray, threshold: float = 0.5) -> list[int]:
     """Encode a mask as Label Studio's brush RLE (``label_studio_sdk.converter.brush.mask2rle``).
 
     Args:
-        mask: (H, W) float probabilities in [0, 1] (or bool).
-        threshold: foreground threshold.
+        mask: (H, W) float probabilities in [0, 1], bool, or uint8 already 0/255.
+        threshold: foreground threshold (float masks).
 
     Returns:
         the ``value.rle`` list of a brushlabels region (Label Studio's RLE of the RGBA image; not COCO RLE).
     """
-    m = ((np.asarray(mask) >= threshold) * 255).astype(np.uint8)
+    m = np.asarray(mask)
+    if m.dtype != np.uint8:
+        m = np.where(m >= threshold, np.uint8(255), np.uint8(0))
     return [int(v) for v in brush.mask2rle(m)]
 
 
@@ -166,6 +168,14 @@ def polygon_regions(masks: BoxMasks, k: int, label: str, target: Control, *, thr
     return out
 
 
+def _full_uint8(masks: BoxMasks, k: int, threshold: float) -> np.ndarray:
+    """Box-local mask ``k`` pasted as a 0/255 uint8 image (one byte per pixel, the brush RLE's input)."""
+    c0, r0, c1, r1 = (int(v) for v in masks.bounds[k])
+    out = np.zeros(masks.image_size, np.uint8)
+    out[r0:r1, c0:c1] = np.where(masks.foreground(k, threshold), np.uint8(255), np.uint8(0))
+    return out
+
+
 def brush_region(masks: BoxMasks, k: int, label: str, target: Control, *, threshold: float) -> dict | None:
     """One brushlabels region for box-local mask ``k`` (None when it has no foreground pixel).
 
@@ -182,7 +192,7 @@ def brush_region(masks: BoxMasks, k: int, label: str, target: Control, *, thresh
     return {
         "id": new_region_id(), "type": "brushlabels", "from_name": target.name, "to_name": target.to_name,
         "original_width": int(w), "original_height": int(h), "image_rotation": 0,
-        "value": {"format": "rle", "rle": mask_to_brush_rle(masks.full(k), threshold), "brushlabels": [label]},
+        "value": {"format": "rle", "rle": mask_to_brush_rle(_full_uint8(masks, k, threshold)), "brushlabels": [label]},
         "score": float(masks.scores[k]),
     }
 

@@ -13,9 +13,11 @@
 * any other action → ``{"status": "ignored"}``.
 
 The backend only starts the retrain process; the retrain itself is the ``training`` package's. The
-project lock (:class:`sim_model.registry.ProjectLock`) is taken here *before* the process starts and
-handed to it (``--lock-fd``), so two clicks never start two retrains; the operating system releases
-it when the retrain ends, also when it crashes.
+project lock (:class:`sim_model.registry.ProjectLock`) and one of the ``MAX_CONCURRENT_RETRAINS`` retrain
+slots (:func:`sim_model.registry.acquire_slot`) are taken here *before* the process starts and handed to
+it (``--lock-fd``, ``--slot-fd``): two clicks never start two retrains of a project, and a flood of events
+for many projects starts at most N retrains (the others answer "busy"). The operating system releases
+both when the retrain ends, also when it crashes.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import time
 from pathlib import Path
 
 from sim_model.files import atomic_write_text
-from sim_model.registry import LOGS_DIR, LockHeld, ProjectLock
+from sim_model.registry import LOGS_DIR, LockHeld, ProjectLock, acquire_slot
 
 from .settings import Settings
 from .tasks import parse_project_id
@@ -57,6 +59,11 @@ def start_retrain(project: str, settings: Settings) -> dict:
     except LockHeld as e:
         return {"status": "busy", "project": project, "message": str(e)}
     try:
+        slot = acquire_slot(model_dir, settings.max_concurrent_retrains)
+    except LockHeld as e:
+        lock.release()
+        return {"status": "busy", "project": project, "message": str(e)}
+    try:
         log_dir = model_dir / project / LOGS_DIR
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"retrain-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}.log"
@@ -66,19 +73,21 @@ def start_retrain(project: str, settings: Settings) -> dict:
         if settings.label_studio_api_key:
             env["LABEL_STUDIO_API_KEY"] = settings.label_studio_api_key
         cmd = [sys.executable, "-m", "training.retrain", "--project", project, "--model-dir", str(model_dir),
-               "--lock-fd", str(lock.fd), *settings.retrain_args]
+               "--lock-fd", str(lock.fd), "--slot-fd", str(slot.fd), *settings.retrain_args]
         with open(log_path, "ab") as logf:
             logf.write(f"$ {' '.join(cmd)}\n".encode())
             logf.flush()
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                    env=env, cwd=str(REPO_ROOT), pass_fds=(lock.fd,), start_new_session=True,
-                                    close_fds=True)
+                                    env=env, cwd=str(REPO_ROOT), pass_fds=(lock.fd, slot.fd),
+                                    start_new_session=True, close_fds=True)
         lock.write_holder(proc.pid)
+        slot.write_holder(proc.pid)
     finally:
-        # our copy of the descriptor goes; the child's copy keeps the lock until it exits
-        if lock.fd is not None:
-            os.close(lock.fd)
-            lock.fd = None
+        # our copies of the descriptors go; the child's copies keep the locks until it exits
+        for held in (lock, slot):
+            if held.fd is not None:
+                os.close(held.fd)
+                held.fd = None
     # collect the child's exit status so that it does not stay a zombie
     threading.Thread(target=proc.wait, daemon=True, name=f"reap-retrain-{proc.pid}").start()
     return {"status": "started", "project": project, "pid": proc.pid, "log": str(log_path)}

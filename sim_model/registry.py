@@ -30,8 +30,9 @@ version is served yet, or when the served version was not validated either (both
 one has seen more boxes); it is kept but not served when the served version was validated on polygons,
 because an unchecked model must not replace a checked one. The reason is always returned.
 
-The retrain lock: ``<root>/<project>/retrain.lock``, held with ``fcntl.flock(LOCK_EX | LOCK_NB)`` by the
-process that runs the retrain (:class:`ProjectLock`). A process that starts a retrain for someone
+The retrain locks: ``<root>/<project>/retrain.lock``, held with ``fcntl.flock(LOCK_EX | LOCK_NB)`` by the
+process that runs the retrain (:class:`ProjectLock`), and one of the ``MAX_CONCURRENT_RETRAINS`` slots
+``<root>/.retrain-slots/slot-<i>.lock`` (:func:`acquire_slot`) that bound the retrains running at once. A process that starts a retrain for someone
 else (the backend's webhook) takes the lock *before* starting it and hands the locked descriptor over
 (:func:`adopt_lock`), so no second retrain can slip in between; the operating system releases the lock
 when the holder ends, also when it crashes or is killed (no stale lock files to clean up).
@@ -63,6 +64,7 @@ METRICS_FILE = "metrics.json"
 TRAIN_LOG_FILE = "train_log.txt"
 REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE, CLASSES_FILE)
 LOCK_FILE = "retrain.lock"
+SLOTS_DIR = ".retrain-slots"
 LOGS_DIR = "logs"
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 #: Key of the validation metric the gate compares (box→mask mean IoU on annotator polygons, in [0, 1]).
@@ -415,27 +417,28 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-# ---------------------------------------------------------------------------------------- the retrain lock
+# ---------------------------------------------------------------------------------------- the retrain locks
 class LockHeld(RuntimeError):
-    """Another process holds the project's retrain lock."""
+    """Another process holds the lock (a retrain of this project, or every retrain slot)."""
 
 
-class ProjectLock:
-    """The per-project retrain lock (an ``fcntl.flock`` on ``<model dir>/<project>/retrain.lock``).
+class FileLock:
+    """An exclusive ``fcntl.flock`` on one file, never waited for.
 
     Args:
-        model_dir: registry root.
-        project: project id.
+        path: the lock file (created with its folder on first use).
+        what: what holding it means, for messages ("a retrain of project 12").
 
-    ``acquire()`` raises :class:`LockHeld` (with the holder's pid when known) instead of waiting.
-    The lock is released by ``release()``, by closing the descriptor, or by the end of the process.
+    ``acquire()`` raises :class:`LockHeld` (with the holder's pid when known). The lock is released by
+    ``release()``, by closing the descriptor, or by the end of the process (also a crash or a kill).
     """
 
-    def __init__(self, model_dir: str | os.PathLike, project: int | str):
-        self.path = Path(model_dir) / str(project) / LOCK_FILE
+    def __init__(self, path: str | os.PathLike, what: str):
+        self.path = Path(path)
+        self.what = what
         self.fd: int | None = None
 
-    def acquire(self) -> "ProjectLock":
+    def acquire(self) -> "FileLock":
         """Take the lock now, or raise :class:`LockHeld`."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -444,9 +447,26 @@ class ProjectLock:
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise LockHeld(f"a retrain of project {self.path.parent.name} is already running "
-                               f"({self.holder_info() or 'holder unknown'})") from None
+                raise LockHeld(f"{self.what} is already running ({self.holder_info() or 'holder unknown'})") from None
             raise
+        self.fd = fd
+        self.write_holder(os.getpid())
+        return self
+
+    def adopt(self, fd: int) -> "FileLock":
+        """Take over a locked descriptor inherited from the process that started this one.
+
+        Raises:
+            LockHeld: the descriptor is not a lock on this file (checked by re-locking it, which
+                succeeds only for the holder's own open file description).
+        """
+        try:
+            st_fd, st_path = os.fstat(fd), os.stat(self.path)
+            if (st_fd.st_dev, st_fd.st_ino) != (st_path.st_dev, st_path.st_ino):
+                raise LockHeld(f"descriptor {fd} is not {self.path}")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no-op for the holder; fails for anyone else
+        except OSError as e:
+            raise LockHeld(f"descriptor {fd} does not hold {self.path}: {e}") from None
         self.fd = fd
         self.write_holder(os.getpid())
         return self
@@ -491,28 +511,61 @@ class ProjectLock:
                 os.close(self.fd)
                 self.fd = None
 
-    def __enter__(self) -> "ProjectLock":
+    def __enter__(self) -> "FileLock":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
 
 
-def adopt_lock(fd: int, model_dir: str | os.PathLike, project: int | str) -> ProjectLock:
-    """Wrap a locked descriptor inherited from the process that started this retrain (``--lock-fd``).
+class ProjectLock(FileLock):
+    """At most one retrain per project: the lock ``<model dir>/<project>/retrain.lock``."""
+
+    def __init__(self, model_dir: str | os.PathLike, project: int | str):
+        super().__init__(Path(model_dir) / str(project) / LOCK_FILE, f"a retrain of project {project}")
+
+
+def retrain_slots(model_dir: str | os.PathLike, n: int) -> list[FileLock]:
+    """The ``n`` slot locks that bound the retrains running at once across projects
+    (``<model dir>/.retrain-slots/slot-<i>.lock``; ``MAX_CONCURRENT_RETRAINS``)."""
+    return [FileLock(Path(model_dir) / SLOTS_DIR / f"slot-{i}.lock", f"retrain slot {i + 1} of {n}")
+            for i in range(max(int(n), 1))]
+
+
+def acquire_slot(model_dir: str | os.PathLike, n: int) -> FileLock:
+    """Take a free retrain slot.
 
     Raises:
-        LockHeld: the descriptor is not a lock on this project's lock file (it is checked by
-            re-locking it, which succeeds only for the holder's own open file description).
+        LockHeld: all ``n`` slots are held (``n`` retrains are running).
+    """
+    for slot in retrain_slots(model_dir, n):
+        try:
+            return slot.acquire()
+        except LockHeld:
+            continue
+    raise LockHeld(f"{n} retrain(s) already running in {model_dir} (MAX_CONCURRENT_RETRAINS={n})")
+
+
+def adopt_slot(fd: int, model_dir: str | os.PathLike, n: int) -> FileLock:
+    """The slot that the inherited descriptor ``fd`` locks.
+
+    Raises:
+        LockHeld: it locks none of the slots.
+    """
+    for slot in retrain_slots(model_dir, n):
+        try:
+            return slot.adopt(fd)
+        except LockHeld:
+            continue
+    raise LockHeld(f"descriptor {fd} holds no retrain slot of {model_dir}")
+
+
+def adopt_lock(fd: int, model_dir: str | os.PathLike, project: int | str) -> ProjectLock:
+    """The project's lock from a descriptor inherited from the process that started this retrain.
+
+    Raises:
+        LockHeld: the descriptor is not a lock on this project's lock file.
     """
     lock = ProjectLock(model_dir, project)
-    try:
-        st_fd, st_path = os.fstat(fd), os.stat(lock.path)
-        if (st_fd.st_dev, st_fd.st_ino) != (st_path.st_dev, st_path.st_ino):
-            raise LockHeld(f"--lock-fd {fd} is not {lock.path}")
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no-op for the holder; fails for anyone else
-    except OSError as e:
-        raise LockHeld(f"--lock-fd {fd} does not hold {lock.path}: {e}") from None
-    lock.fd = fd
-    lock.write_holder(os.getpid())
+    lock.adopt(fd)
     return lock

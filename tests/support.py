@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import threading
+import time
+import uuid
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
+import jwt as pyjwt
 import numpy as np
 import torch
 from pycocotools.coco import COCO
@@ -17,6 +22,8 @@ from sim_model.datasets import coco_mini_dir, split_files
 COCO_MINI = coco_mini_dir()
 COCO_VAL_JSON, COCO_VAL_IMAGES = split_files(COCO_MINI, "val2017")
 COCO_TRAIN_JSON, COCO_TRAIN_IMAGES = split_files(COCO_MINI, "train2017")
+#: LOCAL_FILES_ROOTS of the tests that give task images as local paths (coco-mini).
+DATA_ROOTS = (COCO_MINI.resolve(),)
 
 
 @functools.lru_cache(maxsize=1)
@@ -144,18 +151,36 @@ def make_tasks(n_images: int = 6, polygons_on: int = 2, image_dir: Path = COCO_T
     return tasks, truth
 
 
+def jwt_token(token_type: str, lifetime_s: float) -> str:
+    """A JWT shaped like Label Studio's (``token_type`` "refresh" for a PAT, "access"; ``exp`` from now)."""
+    return pyjwt.encode({"token_type": token_type, "exp": int(time.time() + lifetime_s), "jti": uuid.uuid4().hex},
+                        "a test secret of at least thirty-two bytes", algorithm="HS256")
+
+
 class FileServer:
-    """A local ``http.server`` on 127.0.0.1 serving a directory; optionally requires a token header.
+    """A local ``http.server`` on 127.0.0.1 serving a directory like Label Studio serves files.
+
+    Args:
+        root: the folder served (``/data/upload/<p>`` and ``/data/local-files/?d=<p>`` map to ``root/<p>``).
+        token: a legacy token: requests must carry ``Authorization: Token <token>``.
+        pat: a Personal Access Token: ``POST /api/token/refresh/`` {"refresh": pat} answers an access token
+            living ``access_lifetime_s`` seconds, and requests must carry ``Bearer <that access token>``.
+        reject_next: answer this many authorized file requests with 401 first (a revoked access token).
 
     Attributes:
         url: ``http://127.0.0.1:<port>``.
-        requests: (path, Authorization header) of every request received.
+        requests: (path, Authorization header) of every GET received.
+        refreshes: the number of token exchanges.
     """
 
-    def __init__(self, root: Path, token: str | None = None):
+    def __init__(self, root: Path, token: str | None = None, pat: str | None = None,
+                 access_lifetime_s: float = 300.0, reject_next: int = 0):
         self.root = Path(root)
-        self.token = token
+        self.token, self.pat = token, pat
+        self.access_lifetime_s, self.reject_next = access_lifetime_s, reject_next
         self.requests: list[tuple[str, str | None]] = []
+        self.refreshes = 0
+        self.issued: set[str] = set()
         outer = self
 
         class Handler(http.server.SimpleHTTPRequestHandler):
@@ -165,15 +190,37 @@ class FileServer:
             def log_message(self, *a):  # keep pytest output clean
                 pass
 
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                ok = self.path.rstrip("/") == "/api/token/refresh" and outer.pat is not None \
+                    and body.get("refresh") == outer.pat
+                if ok:
+                    outer.refreshes += 1
+                    access = jwt_token("access", outer.access_lifetime_s)
+                    outer.issued.add(access)
+                data = json.dumps({"access": access} if ok else {"detail": "Token is invalid"}).encode()
+                self.send_response(200 if ok else 401)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def do_GET(self):
                 auth = self.headers.get("Authorization")
                 outer.requests.append((self.path, auth))
-                if outer.token is not None and auth != f"Token {outer.token}":
+                ok = True
+                if outer.token is not None:
+                    ok = auth == f"Token {outer.token}"
+                if outer.pat is not None:
+                    ok = auth is not None and auth.startswith("Bearer ") and auth[7:] in outer.issued
+                if ok and outer.reject_next > 0:
+                    outer.reject_next -= 1
+                    ok = False
+                if not ok:
                     self.send_error(401, "missing or wrong token")
                     return
                 if self.path.startswith("/data/local-files/"):
                     # Label Studio's local files: /data/local-files/?d=<path relative to the root>
-                    from urllib.parse import parse_qs, urlparse
                     d = parse_qs(urlparse(self.path).query).get("d", [""])[0]
                     self.path = "/" + d
                 elif self.path.startswith("/data/upload/"):

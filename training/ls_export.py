@@ -34,8 +34,8 @@ import requests
 
 from sim_backend.images import ImageLoader, ImageLoadError
 from sim_backend.label_config import LabelConfigError, parse_label_config
-from sim_backend.label_studio import (LabelStudioError, LabelStudioUnavailable, connect, iter_project_tasks,
-                                      label_studio_alive, sdk_error)
+from sim_backend.label_studio import (LabelStudioConnection, LabelStudioError, LabelStudioUnavailable,
+                                      iter_project_tasks, label_studio_alive, sdk_error)
 from sim_backend.settings import Settings
 from sim_backend.tasks import Region, latest_annotation, parse_regions, task_image_url
 from sim_model.registry import ModelRegistry
@@ -229,12 +229,16 @@ def export_project(project: int | str, url: str, api_key: str, cache_dir: str | 
                    progress: Callable[[str], None] | None = None) -> ProjectExport:
     """Export a live Label Studio project (tasks, latest annotations, images) into a :class:`ProjectExport`.
 
+    One :class:`sim_backend.label_studio.LabelStudioConnection` serves the API and the image downloads
+    (a Personal Access Token is exchanged once and renewed as needed).
+
     Args:
         project: Label Studio project id.
-        url, api_key: Label Studio base URL and API key.
+        url, api_key: Label Studio base URL and API key (a Personal Access Token or a legacy token).
         cache_dir: image cache root (``<cache_dir>/<project>/images``).
         registry: holds the class map.
-        settings: the image loader's limits; the URL, key and timeout given here override its fields.
+        settings: the image loader's limits and allowed image sources; the URL, key and timeout given here
+            override its fields.
         timeout: seconds for each Label Studio request.
 
     Raises:
@@ -242,17 +246,17 @@ def export_project(project: int | str, url: str, api_key: str, cache_dir: str | 
         LabelStudioUnavailable: Label Studio does not answer, or stops answering mid-way.
     """
     say = progress or (lambda m: print(f"[export] {m}", file=sys.stderr, flush=True))
-    client = connect(url, api_key, timeout)
+    conn = LabelStudioConnection(url, api_key, timeout)
     try:
-        proj = client.projects.get(id=int(project))
+        proj = conn.client().projects.get(id=int(project))
     except Exception as e:
         raise sdk_error(e, url, f"reading project {project}") from e
     label_config = getattr(proj, "label_config", None) or ""
     say(f"project {project} ({getattr(proj, 'title', '') or 'untitled'}): listing tasks")
-    s = replace(settings or Settings(), label_studio_url=url.rstrip("/"), label_studio_api_key=api_key,
-                image_cache_size=0, image_fetch_timeout_s=timeout)
-    return export_tasks(iter_project_tasks(client, project, url), label_config, project, cache_dir, registry,
-                        ImageLoader(s), say)
+    s = replace(settings or Settings(), label_studio_url=conn.url, label_studio_api_key=api_key,
+                image_cache_bytes=0, image_fetch_timeout_s=timeout)
+    return export_tasks(iter_project_tasks(conn.client(), project, conn.url), label_config, project, cache_dir,
+                        registry, ImageLoader(s, connection=conn), say)
 
 
 __all__ = ["DEFAULT_CACHE_SUBDIR", "ExportedTask", "ProjectExport", "export_tasks", "export_project"]

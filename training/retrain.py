@@ -12,8 +12,9 @@ directory to ``MODEL_DIR`` (else ``./models``). Trailing ``KEY VALUE`` pairs ove
 Steps (:class:`RetrainJob`; one progress line each, prefixed ``[retrain]``; the training loop prints its
 own progress):
 
-1. lock — take the project's retrain lock (:class:`sim_model.registry.ProjectLock`), or adopt the one
-   handed over by the backend's webhook (``--lock-fd``);
+1. lock — take the project's retrain lock (:class:`sim_model.registry.ProjectLock`) and one of the
+   ``MAX_CONCURRENT_RETRAINS`` retrain slots (:func:`sim_model.registry.acquire_slot`), or adopt the ones
+   handed over by the backend's webhook (``--lock-fd``, ``--slot-fd``);
 2. export — tasks, latest annotations and images (incremental cache) (:mod:`training.ls_export`); the
    class map is extended (stable ids);
 3. dataset — COCO json: ``train.json`` (boxes only), ``val.json`` (annotator polygons as masks);
@@ -36,7 +37,7 @@ Exit codes:
 0   new version published (or ``--dry-run`` finished)
 1   unexpected error (traceback printed); the served version is unchanged
 2   usage error (bad arguments)
-3   another retrain of this project is running (lock held)
+3   another retrain of this project is running, or MAX_CONCURRENT_RETRAINS retrains are (lock held)
 4   Label Studio unreachable, refused the key or project, or stopped answering mid-way
 5   nothing to train on (no annotated task with a box)
 6   training or evaluation failed; no version written
@@ -70,7 +71,7 @@ from sim_model.checkpoint import checkpoint_iteration, grow_class_rows
 from sim_model.datasets import REPO_ROOT
 from sim_model.engines import version_engine
 from sim_model.registry import (CLASSES_FILE, CONFIG_FILE, WEIGHTS_FILE, LockHeld, ModelRegistry, ProjectLock,
-                                adopt_lock, read_classes)
+                                acquire_slot, adopt_lock, adopt_slot, read_classes)
 from training import ls_export
 from training.publish import jsonable, validate_against_served, write_version
 from training.score_store import ScoreDB
@@ -347,6 +348,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per Label Studio request (default 30)")
     p.add_argument("--no-scores", action="store_true", help="skip step 7 (S_k of every box)")
     p.add_argument("--lock-fd", type=int, default=None, help=argparse.SUPPRESS)  # handed over by the webhook
+    p.add_argument("--slot-fd", type=int, default=None, help=argparse.SUPPRESS)  # handed over by the webhook
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs overriding config keys")
     return p
 
@@ -376,11 +378,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                      config=Path(args.config) if args.config else None, max_iter=args.max_iter,
                      tolerance=args.tolerance, dry_run=args.dry_run, timeout=args.timeout,
                      scores=not args.no_scores, opts=list(args.opts))
-    # 1. lock
+    # 1. lock: the project's, then a retrain slot
+    lock = slot = None
     try:
         lock = (adopt_lock(args.lock_fd, model_dir, args.project) if args.lock_fd is not None
                 else ProjectLock(model_dir, args.project).acquire())
+        n = settings.max_concurrent_retrains
+        slot = adopt_slot(args.slot_fd, model_dir, n) if args.slot_fd is not None else acquire_slot(model_dir, n)
     except LockHeld as e:
+        if lock is not None:
+            lock.release()
         print(f"[retrain] FAILED (exit {EXIT_LOCKED}): {e}", file=sys.stderr, flush=True)
         return EXIT_LOCKED
     try:
@@ -394,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr, flush=True)
         return EXIT_ERROR
     finally:
+        slot.release()
         lock.release()
 
 

@@ -96,27 +96,26 @@ class GrabCutBoxToMask(BoxToMask):
             crops: N float32 foreground probabilities in [0, 1] over each box's pixel bounds;
             scores: (N,) float32 mask confidences in [0, 1] (see the module docstring).
         """
-        bgr = np.ascontiguousarray(image[:, :, ::-1])  # OpenCV's GrabCut models colours; order is irrelevant
         crops, scores = [], np.zeros(len(boxes), np.float32)
         for k, box in enumerate(boxes):
-            crop, scores[k] = self.segment_box(bgr, box)
+            crop, scores[k] = self.segment_box(image, box)
             crops.append(crop)
         return crops, scores
 
     # -- one box ---------------------------------------------------------------------------------------
-    def segment_box(self, bgr: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, float]:
+    def segment_box(self, image: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, float]:
         """Segment one box.
 
         Args:
-            bgr: (H, W, 3) uint8 image.
+            image: (H, W, 3) uint8 RGB.
             box: (4,) float XYXY in pixels, already clipped to the image.
 
         Returns:
             (r1 - r0, c1 - c0) float32 mask in [0, 1] over the box's pixel bounds
             (:func:`sim_model.boxes.box_pixel_bounds`); the score in [0, 1].
         """
-        ell = ellipse_mask(bgr.shape[:2], box).astype(np.float32)
-        prob = self._grabcut_crop(bgr, box)
+        ell = ellipse_mask(image.shape[:2], box).astype(np.float32)
+        prob = self._grabcut_crop(image, box)
         fallback = prob is None or (prob >= self.mask_threshold).sum() < self.min_fill * prob.size
         if fallback:
             prob = ell
@@ -130,21 +129,22 @@ class GrabCutBoxToMask(BoxToMask):
             score *= self.fallback_score_factor
         return prob.astype(np.float32), score
 
-    def _grabcut_crop(self, bgr: np.ndarray, box: np.ndarray) -> np.ndarray | None:
+    def _grabcut_crop(self, image: np.ndarray, box: np.ndarray) -> np.ndarray | None:
         """GrabCut on the rescaled crop around ``box``.
 
         Returns:
             (r1 - r0, c1 - c0) float32 foreground probabilities over the box's pixel bounds
             (:func:`box_pixel_bounds`), or None when GrabCut fails.
         """
-        h, w = bgr.shape[:2]
+        h, w = image.shape[:2]
         x0, y0, x1, y1 = (float(v) for v in box)
         bw, bh = max(x1 - x0, 1.0), max(y1 - y0, 1.0)
         mx = max(self.margin * bw, self.min_margin_px)
         my = max(self.margin * bh, self.min_margin_px)
         cx0, cy0 = int(max(np.floor(x0 - mx), 0)), int(max(np.floor(y0 - my), 0))
         cx1, cy1 = int(min(np.ceil(x1 + mx), w)), int(min(np.ceil(y1 + my), h))
-        crop = bgr[cy0:cy1, cx0:cx1]
+        # only the crop is copied, in OpenCV's channel order (memory grows with the box, not the image)
+        crop = np.ascontiguousarray(image[cy0:cy1, cx0:cx1, ::-1])
         s = self.short_side / min(bw, bh)
         s = min(s, self.max_side / max(cx1 - cx0, cy1 - cy0))
         sw, sh = max(int(round((cx1 - cx0) * s)), 1), max(int(round((cy1 - cy0) * s)), 1)

@@ -15,7 +15,7 @@ from sim_backend.app import create_app
 from sim_backend.regions import polygons_to_mask
 from sim_backend.settings import Settings
 from sim_model.registry import REQUIRED_FILES, ModelRegistry
-from tests.support import (COCO_VAL_IMAGES, box_mask, coco_boxes, coco_config, image_info, iou, rect_item,
+from tests.support import (COCO_VAL_IMAGES, DATA_ROOTS, box_mask, coco_boxes, coco_config, image_info, iou, rect_item,
                            sample_boxes)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture()
 def client(tmp_path):
-    return create_app(Settings(model_dir=tmp_path)).test_client()
+    return create_app(Settings(model_dir=tmp_path, local_files_roots=DATA_ROOTS)).test_client()
 
 
 def test_health_is_fast_json(client):
@@ -90,7 +90,7 @@ def _post(url, payload, timeout=60):
 
 def test_gunicorn_serves_predict_with_two_workers(tmp_path):
     port = _free_port()
-    env = dict(os.environ, MODEL_DIR=str(tmp_path), LOG_LEVEL="WARNING")
+    env = dict(os.environ, MODEL_DIR=str(tmp_path), LOG_LEVEL="WARNING", LOCAL_FILES_ROOTS=str(DATA_ROOTS[0]))
     proc = subprocess.Popen([str(Path(sys.executable).parent / "gunicorn"), "sim_backend.wsgi:app",
                              "-b", f"127.0.0.1:{port}", "-w", "2", "--threads", "2", "--timeout", "120"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -14,7 +14,7 @@ from sim_backend.settings import Settings
 from sim_model.engines.grabcut import GrabCutBoxToMask
 from sim_model.engines.sim import SIMBoxToMask
 from sim_model.registry import REQUIRED_FILES, ModelRegistry, sim_model_version
-from tests.support import COCO_VAL_IMAGES, coco_boxes, coco_config, iou, rect_item
+from tests.support import COCO_VAL_IMAGES, DATA_ROOTS, coco_boxes, coco_config, iou, rect_item
 
 PROJECT = 12
 
@@ -156,7 +156,8 @@ def test_real_sim_version_is_served_then_rolled_back(tmp_path, sim_version_dir):
     expected = own.full(0) >= threshold
     assert 0 < expected.sum() < (own.crops[0].size * 0.999)
 
-    client = create_app(Settings(model_dir=tmp_path, mask_threshold=threshold, min_region_px=0)).test_client()
+    client = create_app(Settings(model_dir=tmp_path, mask_threshold=threshold, min_region_px=0,
+                                 local_files_roots=DATA_ROOTS)).test_client()
     assert client.post("/setup", json={"project": f"{PROJECT}.17", "schema": coco_config()}).get_json() == {
         "model_version": "sim-v0001"}
     payload = {"project": f"{PROJECT}.17", "label_config": coco_config(),

@@ -7,7 +7,7 @@ from sim_backend.engines import EngineProvider
 from sim_backend.regions import brush_rle_to_mask, polygons_to_mask
 from sim_backend.settings import Settings
 from sim_model.engines.grabcut import GrabCutBoxToMask
-from tests.support import box_mask, coco_boxes, coco_config, coco_val, image_info, iou, rect_item, sample_boxes
+from tests.support import DATA_ROOTS, box_mask, coco_boxes, coco_config, coco_val, image_info, iou, rect_item, sample_boxes
 
 
 class CountingGrabCut(GrabCutBoxToMask):
@@ -29,7 +29,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def client(engine, tmp_path_factory):
-    settings = Settings(model_dir=tmp_path_factory.mktemp("models"))
+    settings = Settings(model_dir=tmp_path_factory.mktemp("models"), local_files_roots=DATA_ROOTS)
     app = create_app(settings, EngineProvider(settings, fallback_factory=lambda: engine))
     return app.test_client()
 

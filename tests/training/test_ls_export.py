@@ -19,13 +19,13 @@ from sim_backend.images import ImageLoader
 from sim_backend.settings import Settings
 from sim_model.registry import ModelRegistry
 from sim_backend.label_studio import LabelStudioUnavailable
-from tests.support import (COCO_TRAIN_IMAGES, coco_config, coco_train, coco_train_labels, make_tasks, poly_item,
+from tests.support import (COCO_TRAIN_IMAGES, DATA_ROOTS, coco_config, coco_train, coco_train_labels, make_tasks, poly_item,
                            rect_item)
 from training import ls_export
 
 @pytest.fixture()
-def loader():
-    return ImageLoader(Settings(image_cache_size=0))
+def loader(tmp_path):
+    return ImageLoader(Settings(image_cache_bytes=0, local_files_roots=DATA_ROOTS + (tmp_path.resolve(),)))
 
 
 def _export(tasks, tmp_path, loader, labels=None):
@@ -150,7 +150,7 @@ def test_label_studio_down_aborts_the_export(tmp_path):
     port = s.getsockname()[1]
     s.close()
     url = f"http://127.0.0.1:{port}"
-    loader = ImageLoader(Settings(label_studio_url=url, label_studio_api_key="k", image_cache_size=0,
+    loader = ImageLoader(Settings(label_studio_url=url, label_studio_api_key="k", image_cache_bytes=0,
                                   image_fetch_timeout_s=2))
     tasks, _ = make_tasks(n_images=2, polygons_on=0)
     tasks[1]["data"]["image"] = "/data/upload/9/x.jpg"

@@ -20,7 +20,7 @@ from sim_backend.settings import Settings
 from sim_model.datasets import REPO_ROOT as REPO
 from sim_model.engines.grabcut import GrabCutBoxToMask
 from sim_model.registry import ModelRegistry
-from tests.support import coco_config, coco_train_labels, make_tasks
+from tests.support import DATA_ROOTS, coco_config, coco_train_labels, make_tasks
 from training import ls_export, scores
 from training.predictions import predict_task
 from training.score_store import ScoreDB
@@ -32,7 +32,7 @@ def scored(tmp_path_factory):
     reg = ModelRegistry(tmp / "models")
     tasks, _ = make_tasks(n_images=3, polygons_on=0)
     export = ls_export.export_tasks(tasks, coco_config(labels=coco_train_labels()), 5, tmp / "cache", reg,
-                                    ImageLoader(Settings(image_cache_size=0)), progress=lambda m: None)
+                                    ImageLoader(Settings(image_cache_bytes=0, local_files_roots=DATA_ROOTS)), progress=lambda m: None)
     db = ScoreDB.for_project(reg.root, 5)
     engine = GrabCutBoxToMask()
     cv2.setRNGSeed(1234)  # GrabCut's k-means initialisation draws from OpenCV's RNG
