@@ -5,8 +5,10 @@
   Without the Label Studio venv (``scripts/install_label_studio.sh``) the tests are skipped with the
   reason, except under ``CI=true``, where that is a failure.
 - ``ls_client`` (session): the label-studio-sdk client of that server.
+- ``label_studio`` is a stock install: legacy tokens off, its ``api_key`` a Personal Access Token.
 - ``start_backend`` (session): ``start_backend(model_dir, **kw) -> BackendServer`` starts our backend
-  under gunicorn, connected to ``label_studio``; every backend started is stopped at the end.
+  under gunicorn, connected to ``label_studio`` with its PAT, requiring HTTP basic auth
+  (:data:`BACKEND_AUTH`, as a team would run it); every backend started is stopped at the end.
 - ``coco_val``: coco-mini val2017 (``dict`` of the annotation json, plus the images folder).
 """
 from __future__ import annotations
@@ -22,6 +24,8 @@ from sim_model.datasets import coco_mini_dir
 from tests.e2e import ls_harness
 
 COCO_MINI = coco_mini_dir()
+#: The basic auth of the backends started here (BASIC_AUTH_USER / BASIC_AUTH_PASS).
+BACKEND_AUTH = ("labelstudio", "e2e-backend-password")
 
 
 def _require_label_studio() -> None:
@@ -53,6 +57,7 @@ def start_backend(label_studio, tmp_path_factory):
 
     def start(model_dir: Path, **kw) -> ls_harness.BackendServer:
         workdir = tmp_path_factory.mktemp("backend")
+        kw.setdefault("basic_auth", BACKEND_AUTH)
         b = ls_harness.BackendServer(workdir, label_studio_url=label_studio.url, api_key=label_studio.api_key,
                                      model_dir=Path(model_dir), **kw)
         started.append(b)

@@ -15,14 +15,15 @@ Locating the install
     ``start_backend``, ``coco_val``, ``coco_train``).
 
 Servers (context managers; ``start()`` waits until ready, ``stop()`` ends the process group it started)
-    ``LabelStudioServer(workdir, document_root, *, port=None, username=..., password=..., token=...,
-    extra_env=None)`` -> ``.url``, ``.api_key``, ``.client()`` (SDK client), ``.session()`` (requests
-    session with the token), ``.log_path``. Headless under ``env -i`` with the environment Label
+    ``LabelStudioServer(workdir, document_root, *, port=None, username=..., password=..., legacy_token=None,
+    extra_env=None)`` -> ``.url``, ``.api_key`` (a Personal Access Token it created, as on a stock install;
+    the legacy token when ``legacy_token`` is given), ``.client()`` (SDK client), ``.session()`` (requests
+    session with the key's header), ``.log_path``. Headless under ``env -i`` with the environment Label
     Studio 1.23 needs for these tests (legacy API token on, Local Files serving under ``document_root``,
     ``ML_BLOCK_LOCAL_IP=false`` and ``SSRF_PROTECTION_ENABLED=false`` so that a 127.0.0.1 backend and its
     webhook are accepted, no analytics) and longer ML timeouts for 2 shared cores.
     ``BackendServer(workdir, *, label_studio_url, api_key, model_dir, port=None, workers=2, threads=2,
-    extra_env=None)`` -> ``.url``, ``.log_path``: ``.venv/bin/gunicorn sim_backend.wsgi:app`` on a free
+    basic_auth=None, extra_env=None)`` -> ``.url``, ``.log_path``: ``.venv/bin/gunicorn sim_backend.wsgi:app`` on a free
     127.0.0.1 port with LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY and MODEL_DIR.
 
 Project set-up
@@ -38,7 +39,7 @@ Project set-up
     ``create_gt_box_annotations(client, project_id, coco) -> dict[int, int]`` (task id -> COCO image id).
 
 ML backend
-    ``connect_ml_backend(client, project_id, url, *, title=..., interactive=True) -> int``
+    ``connect_ml_backend(client, project_id, url, *, title=..., interactive=True, basic_auth=None) -> int``
     (creates it, then ``PATCH /api/ml/{id}`` with url and project, as Label Studio's UI does).
     ``ml_backend_model_version(client, ml_id) -> str``.
     ``retrieve_predictions(client, project_id, task_ids, *, chunk=10)``: the Data Manager action
@@ -74,11 +75,13 @@ from urllib.parse import parse_qs, unquote, urlparse
 import numpy as np
 import requests
 
+from sim_backend.label_studio import LabelStudioConnection
+
 LS_VERSION = "1.23.2"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_USERNAME = "e2e@example.com"
 DEFAULT_PASSWORD = "e2e-password-123"
-DEFAULT_TOKEN = "e2e0123456789abcdef0123456789abcdef0123"  # <= 40 chars (Token.key max length)
+DEFAULT_LEGACY_TOKEN = "e2e0123456789abcdef0123456789abcdef0123"  # <= 40 chars (Token.key max length)
 
 
 class HarnessError(RuntimeError):
@@ -201,24 +204,31 @@ class _Process:
 class LabelStudioServer:
     """A headless Label Studio on 127.0.0.1, its data in ``workdir``, started from the migrated template.
 
+    By default it is a stock install: the organisation has legacy tokens OFF, and the harness, as a user
+    would, logs in with the user's password and creates a Personal Access Token (``POST /api/token/``),
+    which becomes ``self.api_key``. ``legacy_token`` starts it with legacy tokens ON and that token as
+    ``self.api_key`` instead.
+
     Args:
         workdir: empty or new folder for its data dir, home and log.
         document_root: folder served by ``/data/local-files/?d=<path relative to it>``; Local Files
             storages must point inside it.
         port: TCP port (default: a free one).
-        username, password, token: the user created at start; ``token`` is the legacy API token
-            (``Authorization: Token <token>``), also ``self.api_key``.
+        username, password: the user created at start.
+        legacy_token: a legacy API token to enable (``Authorization: Token <token>``); None = stock.
         extra_env: more environment variables for Label Studio (override the defaults below).
     """
 
     def __init__(self, workdir: Path, document_root: Path, *, port: int | None = None,
                  username: str = DEFAULT_USERNAME, password: str = DEFAULT_PASSWORD,
-                 token: str = DEFAULT_TOKEN, extra_env: dict[str, str] | None = None):
+                 legacy_token: str | None = None, extra_env: dict[str, str] | None = None):
         self.workdir = Path(workdir)
         self.document_root = Path(document_root).resolve()
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.username, self.password, self.api_key = username, password, token
+        self.username, self.password = username, password
+        self.legacy_token = legacy_token
+        self.api_key = legacy_token or ""  # the PAT once started (stock)
         self.extra_env = dict(extra_env or {})
         self.log_path = self.workdir / "label-studio.log"
         self._proc = _Process("Label Studio", self.log_path)
@@ -233,8 +243,6 @@ class LabelStudioServer:
             "LABEL_STUDIO_BASE_DATA_DIR": str(self.workdir / "data"),
             "LABEL_STUDIO_USERNAME": self.username,
             "LABEL_STUDIO_PASSWORD": self.password,
-            "LABEL_STUDIO_USER_TOKEN": self.api_key,
-            "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
             "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
             "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(self.document_root),
             "ML_BLOCK_LOCAL_IP": "false",
@@ -251,6 +259,8 @@ class LabelStudioServer:
             "ML_TIMEOUT_PREDICT": "900",
             "LOG_LEVEL": "INFO",
         }
+        if self.legacy_token:
+            env.update({"LABEL_STUDIO_USER_TOKEN": self.legacy_token, "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true"})
         env.update(self.extra_env)
         return env
 
@@ -273,17 +283,43 @@ class LabelStudioServer:
         argv = ["/usr/bin/env", "-i", *[f"{k}={v}" for k, v in self.env().items()],
                 str(ls_venv_dir() / "bin" / "label-studio"), "start", "--no-browser",
                 "--internal-host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(data),
-                "--username", self.username, "--password", self.password, "--user-token", self.api_key,
-                "--enable-legacy-api-token"]
+                "--username", self.username, "--password", self.password]
+        if self.legacy_token:
+            argv += ["--user-token", self.legacy_token, "--enable-legacy-api-token"]
         self._proc.spawn(argv, env={}, cwd=self.workdir)
-        sess = self.session()
-
-        def ready() -> bool:
-            r = sess.get(f"{self.url}/api/current-user/whoami", timeout=5)
-            return r.status_code == 200
-
-        self._proc.wait_ready(ready, timeout)
+        self._proc.wait_ready(lambda: requests.get(f"{self.url}/health", timeout=5).status_code == 200, timeout)
+        if not self.legacy_token:
+            self.api_key = self.create_personal_access_token()
+        if self.session().get(f"{self.url}/api/current-user/whoami", timeout=30).status_code != 200:
+            raise HarnessError(f"Label Studio refused its own key; log {self.log_path}:\n{_tail(self.log_path)}")
         return self
+
+    def login(self) -> requests.Session:
+        """A browser-like session logged in with the user's e-mail and password (Django's login form)."""
+        s = requests.Session()
+        s.get(f"{self.url}/user/login/", timeout=30)
+        r = s.post(f"{self.url}/user/login/", timeout=30, headers={"Referer": f"{self.url}/user/login/"},
+                   data={"email": self.username, "password": self.password,
+                         "csrfmiddlewaretoken": s.cookies.get("csrftoken", "")})
+        if r.status_code != 200 or "sessionid" not in s.cookies:
+            raise HarnessError(f"login to Label Studio failed: HTTP {r.status_code}")
+        return s
+
+    def create_personal_access_token(self) -> str:
+        """What a user does in Account & Settings → Personal Access Token: ``POST /api/token/`` while logged in.
+
+        Raises:
+            HarnessError: Label Studio refused, or its organisation still has legacy tokens on.
+        """
+        s = self.login()
+        settings = s.get(f"{self.url}/api/jwt/settings", timeout=30).json()
+        if settings.get("legacy_api_tokens_enabled") or not settings.get("api_tokens_enabled"):
+            raise HarnessError(f"not a stock Label Studio: its token settings are {settings}")
+        r = s.post(f"{self.url}/api/token/", timeout=30,
+                   headers={"X-CSRFToken": s.cookies.get("csrftoken", ""), "Referer": self.url})
+        if r.status_code != 201:
+            raise HarnessError(f"creating a Personal Access Token failed: HTTP {r.status_code}: {r.text[:300]}")
+        return r.json()["token"]
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL, to the process group started here)."""
@@ -293,9 +329,10 @@ class LabelStudioServer:
         return self._proc.alive()
 
     def session(self) -> requests.Session:
-        """A ``requests`` session that sends the API token."""
+        """A ``requests`` session that sends the API key the way the SDK does (``Token`` for a legacy token,
+        ``Bearer`` with an access token exchanged for the PAT, valid for a few minutes)."""
         s = requests.Session()
-        s.headers["Authorization"] = f"Token {self.api_key}"
+        s.headers.update(LabelStudioConnection(self.url, self.api_key).auth_headers())
         return s
 
     def client(self):
@@ -325,17 +362,19 @@ class BackendServer:
         port: TCP port (default: a free one).
         workers, threads: gunicorn ``-w`` and ``--threads`` (2 workers: /predict may reach a process
             that never saw /setup, as in production).
+        basic_auth: (user, password) the backend requires (BASIC_AUTH_USER / BASIC_AUTH_PASS), or None.
         extra_env: more environment variables for the backend.
     """
 
     def __init__(self, workdir: Path, *, label_studio_url: str, api_key: str, model_dir: Path,
                  port: int | None = None, workers: int = 2, threads: int = 2,
-                 extra_env: dict[str, str] | None = None):
+                 basic_auth: tuple[str, str] | None = None, extra_env: dict[str, str] | None = None):
         self.workdir = Path(workdir)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.label_studio_url, self.api_key, self.model_dir = label_studio_url, api_key, Path(model_dir)
         self.workers, self.threads = workers, threads
+        self.auth = basic_auth
         self.extra_env = dict(extra_env or {})
         self.log_path = self.workdir / "backend.log"
         self._proc = _Process("sim_backend (gunicorn)", self.log_path)
@@ -355,6 +394,8 @@ class BackendServer:
             "LABEL_STUDIO_API_KEY": self.api_key,
             "MODEL_DIR": str(self.model_dir),
         }
+        if self.auth:
+            env.update({"BASIC_AUTH_USER": self.auth[0], "BASIC_AUTH_PASS": self.auth[1]})
         env.update(self.extra_env)
         return env
 
@@ -538,13 +579,17 @@ def create_gt_box_annotations(client, project_id: int, coco: dict) -> dict[int, 
 
 # ------------------------------------------------------------------------------------- ML backend
 def connect_ml_backend(client, project_id: int, url: str, *, title: str = "sim-prelabels",
-                       interactive: bool = True) -> int:
+                       interactive: bool = True, basic_auth: tuple[str, str] | None = None) -> int:
     """Add our backend to a project (Label Studio calls its /health and /setup) and return its id.
 
-    Then ``PATCH /api/ml/{id}`` with both url and project, as the settings page does when saved.
+    ``basic_auth`` fills the "Connect model" form's basic-auth fields (Label Studio then sends them with
+    every request it makes to the backend). Then ``PATCH /api/ml/{id}`` with both url and project, as the
+    settings page does when saved.
     """
-    ml = client.ml.create(url=url, project=project_id, title=title, is_interactive=interactive)
-    client.ml.update(id=ml.id, url=url, project=project_id, title=title, is_interactive=interactive)
+    auth = ({"auth_method": "BASIC_AUTH", "basic_auth_user": basic_auth[0], "basic_auth_pass": basic_auth[1]}
+            if basic_auth else {})
+    ml = client.ml.create(url=url, project=project_id, title=title, is_interactive=interactive, **auth)
+    client.ml.update(id=ml.id, url=url, project=project_id, title=title, is_interactive=interactive, **auth)
     return ml.id
 
 

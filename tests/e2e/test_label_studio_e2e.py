@@ -120,11 +120,11 @@ def flow(label_studio, ls_client, start_backend, coco_val, tmp_path_factory) -> 
     # What /setup answers for this project (Label Studio sends the same payload when connecting).
     setup = requests.post(f"{backend.url}/setup", json={
         "project": f"{project}.{int(time.time())}", "schema": config, "hostname": label_studio.url,
-        "access_token": label_studio.api_key}, timeout=60)
+        "access_token": label_studio.api_key}, timeout=60, auth=backend.auth)
     assert setup.status_code == 200, setup.text
     setup_version = setup.json()["model_version"]
 
-    ml_id = H.connect_ml_backend(client, project, backend.url)
+    ml_id = H.connect_ml_backend(client, project, backend.url, basic_auth=backend.auth)
     ls_version = H.ml_backend_model_version(client, ml_id)
 
     t0 = time.monotonic()

@@ -173,7 +173,7 @@ def project(label_studio, ls_client, start_backend, coco_train, tmp_path_factory
     model_dir = tmp_path_factory.mktemp("models")
     # retrains started by the backend (Start Training button) use the tiny schedule too
     backend = start_backend(model_dir, extra_env={"RETRAIN_ARGS": f"--max-iter {MAX_ITER} --tolerance 1 --timeout 20"})
-    ml_id = H.connect_ml_backend(client, pid, backend.url)
+    ml_id = H.connect_ml_backend(client, pid, backend.url, basic_auth=backend.auth)
     assert H.ml_backend_model_version(client, ml_id).startswith("grabcut")
     return Project(pid, ml_id, model_dir, backend, task_boxes, polygon_tasks, n_polygons, labels)
 
@@ -296,5 +296,6 @@ def test_retrain_fails_when_label_studio_stops_midway(flow, label_studio, tmp_pa
     assert reg.current_version(flow.project) == "v0001"
     assert reg.version_names(flow.project) == ["v0001"]
     assert not [p for p in reg.project_dir(flow.project).iterdir() if p.name.startswith((".v", ".work"))]
-    served = requests.get(f"{flow.backend.url}/versions", params={"project": flow.project}, timeout=60).json()
+    served = requests.get(f"{flow.backend.url}/versions", params={"project": flow.project}, timeout=60,
+                          auth=flow.backend.auth).json()
     assert served["current"] == "sim-v0001", served
