@@ -7,15 +7,19 @@ Where an image field may point (:meth:`ImageLoader.resolve`):
   ``LABEL_STUDIO_URL`` with the key of :class:`sim_backend.label_studio.LabelStudioConnection` (a PAT's
   access token, or a legacy token); a path that climbs out (``..``) is refused;
 * other ``http(s)://`` URLs: fetched without any key, only when the host resolves to public addresses
-  (private, loopback, link-local and reserved ones are refused unless the host is in
-  ``IMAGE_HOSTS_ALLOWED``), checked again at every redirect;
+  (private, loopback, link-local, reserved and IPv6 tunnels of IPv4 — NAT64, 6to4, Teredo — are refused
+  unless the host is in ``IMAGE_HOSTS_ALLOWED``), checked again at every redirect; the download connects
+  to the very address that was checked (no second DNS lookup, so a name cannot rebind in between), and
+  a redirect from such a URL into Label Studio is refused (the key never follows a stranger's link);
 * local files (a path or ``file://``): only regular files inside one of ``LOCAL_FILES_ROOTS`` (none by
   default), after resolving symlinks; FIFOs, devices and symlinks that leave the roots are refused.
 
 Bounds: ``MAX_IMAGE_BYTES`` (a local file's size, a download's Content-Length, then a capped streamed
-read), ``IMAGE_FETCH_DEADLINE_S`` for a whole download (every redirect and read included; reads return
-as soon as data arrive, so a server that drips bytes cannot hold it longer), ``MAX_IMAGE_PIXELS`` before
-decoding, and a per-process cache of decoded images bounded by ``IMAGE_CACHE_BYTES`` and keyed by the
+read of the bytes on the wire, and of the decompressed bytes when a server compresses anyway),
+``IMAGE_FETCH_DEADLINE_S`` for a whole download (the DNS lookup, every redirect and read included: a
+watchdog shuts the socket at the deadline, so a server that drips bytes cannot hold it longer),
+``MAX_IMAGE_PIXELS`` before decoding, only the common image formats (:data:`IMAGE_FORMATS`) reach a
+decoder, and a per-process cache of decoded images bounded by ``IMAGE_CACHE_BYTES`` and keyed by the
 canonical location (one image under several spellings is cached once). EXIF orientation is applied
 (browsers, hence Label Studio's percent coordinates, show images upright); 16-bit and other unusual
 modes are scaled to 8 bits per channel. Anything that goes wrong raises :class:`ImageLoadError` with a
@@ -23,6 +27,7 @@ short message fit for a per-task error: what was refused and why, never a respon
 """
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import ipaddress
 import logging
@@ -32,12 +37,15 @@ import stat
 import threading
 import time
 import urllib.parse
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import requests
+import urllib3
+from requests.adapters import HTTPAdapter
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .label_studio import LabelStudioConnection, LabelStudioError, origin
@@ -51,11 +59,28 @@ LABEL_STUDIO_PATHS = ("/data/upload/", "/data/local-files/", "/storage-data/", "
 MAX_REDIRECTS = 5
 #: Characters of an image field, URL or path quoted in a message.
 QUOTE_CHARS = 120
+#: The image formats that reach a decoder (PIL's names; "JPEG" also opens the MPO files of phone cameras).
+#: Other parsers (EPS through Ghostscript, PSD, ICO, …) are never run on a task's bytes.
+IMAGE_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP", "GIF")
+#: IPv6 ranges that carry an IPv4 address somewhere else (NAT64, 6to4, Teredo, IPv4-compatible): refused
+#: for web images, since the address they lead to is not the one that is checked.
+IPV6_TUNNELS = tuple(ipaddress.ip_network(n) for n in
+                     ("64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "2001::/32", "::/96"))
 _CHUNK = 1 << 16
+_DNS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="image-dns")
 
 
 class ImageLoadError(RuntimeError):
-    """The task image cannot be fetched or decoded (refused, unreachable, not an image, too large, …)."""
+    """The task image cannot be fetched or decoded (refused, unreachable, not an image, too large, …).
+
+    Attributes:
+        transient: True when the server did not answer (connection failed or timed out, HTTP 5xx): the
+            same request may succeed later, and a dead Label Studio shows this way.
+    """
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 def quoted(value: object, limit: int = QUOTE_CHARS) -> str:
@@ -94,10 +119,11 @@ def decode_image(data: bytes, max_pixels: int, source: str = "image") -> np.ndar
         images keep their top 8 bits, float images in [0, 1] are scaled by 255.
 
     Raises:
-        ImageLoadError: not a decodable image, or more than ``max_pixels`` pixels.
+        ImageLoadError: not a decodable image of one of :data:`IMAGE_FORMATS`, or more than ``max_pixels``
+            pixels.
     """
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
             w, h = im.size
             if w * h > max_pixels:
                 raise ImageLoadError(f"{source} is {w}x{h} = {w * h} pixels, above MAX_IMAGE_PIXELS={max_pixels}")
@@ -123,10 +149,21 @@ class ImageSource:
     location: str
 
 
+def _split_url(url: str, source: str) -> tuple[urllib.parse.SplitResult, tuple[str, str, int]]:
+    """``urlsplit`` and :func:`origin` of a URL, a malformed one (bad port, unbalanced brackets) refused.
+
+    Raises:
+        ImageLoadError: the URL cannot be parsed.
+    """
+    try:
+        return urllib.parse.urlsplit(url), origin(url)
+    except ValueError as e:
+        raise ImageLoadError(f"refused {source}: malformed URL ({str(e)[:80]})") from e
+
+
 def _canonical_url(url: str) -> str:
     """The URL with its scheme and host in lower case, without a default port, credentials or fragment."""
-    u = urllib.parse.urlsplit(url)
-    scheme, host, port = origin(url)
+    u, (scheme, host, port) = _split_url(url, quoted(url))
     name = f"[{host}]" if ":" in host else host
     netloc = name if port == {"http": 80, "https": 443}.get(scheme) else f"{name}:{port}"
     return urllib.parse.urlunsplit((scheme, netloc, u.path or "/", u.query, ""))
@@ -138,12 +175,65 @@ def _climbs(path: str) -> bool:
     return ".." in decoded.replace("\\", "/").split("/")
 
 
+def is_public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether a web image may be fetched from this address: global unicast, not an IPv6 tunnel of IPv4
+    (:data:`IPV6_TUNNELS`); an IPv4-mapped IPv6 address is judged by its IPv4 address."""
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.version == 6 and any(ip in n for n in IPV6_TUNNELS):
+        return False
+    return ip.is_global and not ip.is_multicast
+
+
+class _PinnedAdapter(HTTPAdapter):
+    """requests' HTTP adapter that connects to ``request.pinned_address`` when a request carries one (the
+    address :meth:`ImageLoader._check_host` approved), keeping the host name for SNI and the certificate
+    check (the Host header is set by the caller): no second DNS lookup, so no DNS rebinding."""
+
+    def build_connection_pool_key_attributes(self, request, verify, cert=None):
+        """requests' pool key with the host replaced by the pinned address (HTTPS: SNI and hostname kept)."""
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+        address = getattr(request, "pinned_address", None)
+        if address is not None:
+            name = host_params["host"]
+            host_params = dict(host_params, host=address)
+            if host_params["scheme"] == "https":
+                pool_kwargs = dict(pool_kwargs, server_hostname=name, assert_hostname=name)
+        return host_params, pool_kwargs
+
+
+class _Watchdog:
+    """Shut a streamed response's socket at the deadline, so that no read outlives it (a context manager)."""
+
+    def __init__(self, response: requests.Response, deadline: float):
+        self.response = response
+        self.timer = threading.Timer(max(deadline - time.monotonic(), 0.0), self._shut)
+        self.timer.daemon = True
+
+    def _shut(self) -> None:
+        sock = getattr(getattr(self.response.raw, "connection", None), "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def __enter__(self):
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+        return False
+
+
 class ImageLoader:
     """Load task images (module docstring).
 
     Args:
         settings: the limits, the roots of local files, the allowed hosts, Label Studio's URL and key.
-        session: optional ``requests.Session`` (connection reuse; tests).
+        session: optional ``requests.Session`` (connection reuse; tests); its http(s) adapters are replaced
+            by one that connects to checked addresses only.
         connection: Label Studio connection to use (default: one from ``settings``' URL and key, if both set).
 
     Thread-safe; one instance per process is enough.
@@ -154,6 +244,9 @@ class ImageLoader:
         self.settings = settings
         self._session = session or requests.Session()
         self._session.trust_env = False  # no proxies or .netrc credentials from the environment
+        adapter = _PinnedAdapter()
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_bytes = 0
         self._lock = threading.Lock()
@@ -167,14 +260,21 @@ class ImageLoader:
     @property
     def label_studio_url(self) -> str:
         """Label Studio's base URL ("" when unknown)."""
-        return self.connection.url if self.connection is not None else ""
+        conn = self.connection
+        return conn.url if conn is not None else ""
 
     def remember_label_studio(self, hostname: str | None, access_token: str | None) -> bool:
-        """Use /setup's ``hostname`` and ``access_token`` as Label Studio's URL and key.
+        """Use /setup's ``hostname`` and ``access_token`` as Label Studio's URL and key, in this process.
 
         Only when the backend requires basic auth (so that the caller is a Label Studio that knows the
-        backend's password) and the environment does not set LABEL_STUDIO_URL / _API_KEY: an anonymous
-        /setup must never redirect the key, nor the backend's image fetches, to another host.
+        backend's password) and the environment sets neither LABEL_STUDIO_URL nor LABEL_STUDIO_API_KEY:
+        an anonymous /setup must never redirect the key, nor the backend's image fetches, to another
+        host, and a key from the environment never goes to a host that /setup names. /setup reaches one
+        worker: with several, set both variables.
+
+        Args:
+            hostname: Label Studio's URL as /setup sent it (``http(s)://host[:port][/path]``).
+            access_token: the token /setup sent (the project creator's legacy token on Label Studio 1.23).
 
         Returns:
             Whether they are used.
@@ -182,15 +282,18 @@ class ImageLoader:
         s = self.settings
         if s.label_studio_url and s.label_studio_api_key:
             return False
-        if not s.basic_auth:
+        if not s.basic_auth or s.label_studio_url or s.label_studio_api_key:
             if hostname or access_token:
-                log.warning("/setup sent hostname %s and a token: ignored (set LABEL_STUDIO_URL and "
-                            "LABEL_STUDIO_API_KEY, or BASIC_AUTH_USER/BASIC_AUTH_PASS to accept them)",
+                log.warning("/setup sent hostname %s and a token: ignored (set both LABEL_STUDIO_URL and "
+                            "LABEL_STUDIO_API_KEY; or neither, with BASIC_AUTH_USER/BASIC_AUTH_PASS, to accept them)",
                             quoted(hostname))
             return False
-        url = s.label_studio_url or str(hostname or "").rstrip("/")
-        key = s.label_studio_api_key or str(access_token or "")
-        if not url or not key or origin(url)[0] not in ("http", "https"):
+        url, key = str(hostname or "").rstrip("/"), str(access_token or "")
+        try:
+            scheme = origin(url)[0]
+        except ValueError:
+            return False
+        if not url or not key or scheme not in ("http", "https"):
             return False
         with self._lock:
             if self.connection is None or (self.connection.url, self.connection.api_key) != (url, key):
@@ -201,9 +304,17 @@ class ImageLoader:
     def resolve(self, field) -> ImageSource:
         """Decide where an image field points and whether that is allowed (module docstring).
 
+        Args:
+            field: the task's image field: an http(s) URL, a Label Studio path (``/data/upload/…``), a
+                ``file://`` URL or a local path.
+
+        Returns:
+            the :class:`ImageSource` (kind and canonical location).
+
         Raises:
-            ImageLoadError: not a non-empty string, an unsupported scheme, a Label Studio path without a
-                known Label Studio or one that climbs out (``..``), or a local path outside the roots.
+            ImageLoadError: not a non-empty string, a control character, a malformed URL, an unsupported
+                scheme, a Label Studio path without a known Label Studio or one that climbs out (``..``),
+                or a local path outside the roots.
         """
         if not isinstance(field, str) or not field.strip():
             raise ImageLoadError(f"the image field must be a non-empty string (a URL or a path), got "
@@ -212,11 +323,13 @@ class ImageLoader:
             raise ImageLoadError(f"the image field is {len(field)} characters long, more than a URL or path can be: "
                                  f"{quoted(field)}")
         value = field.strip()
-        parsed = urllib.parse.urlsplit(value)
-        scheme = parsed.scheme.lower()
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ImageLoadError(f"the image field holds a control character: {quoted(value)}")
+        conn = self.connection
+        parsed, (scheme, _, _) = _split_url(value, quoted(value))
         if scheme in ("http", "https"):
-            if self.connection is not None and self.connection.owns(value):
-                return self._label_studio(parsed.path, parsed.query, value)
+            if conn is not None and conn.owns(value):
+                return self._label_studio(value, conn)
             return ImageSource("web", _canonical_url(value))
         if scheme == "file":
             return ImageSource("file", self._local(urllib.parse.unquote(parsed.path)))
@@ -225,14 +338,20 @@ class ImageLoader:
         if value.startswith("/data/") or value.startswith(LABEL_STUDIO_PATHS):
             if self._under_roots(os.path.realpath(value)) and os.path.isfile(value):
                 return ImageSource("file", os.path.realpath(value))  # a local copy of Label Studio's files
-            if self.connection is None:
+            if conn is None:
                 raise ImageLoadError(f"{quoted(value)} is a Label Studio path but LABEL_STUDIO_URL and "
                                      f"LABEL_STUDIO_API_KEY are not set")
-            return self._label_studio(parsed.path, parsed.query, self.connection.url + value)
+            return self._label_studio(conn.url + value, conn)
         return ImageSource("file", self._local(value))
 
-    def _label_studio(self, path: str, query: str, url: str) -> ImageSource:
-        files = urllib.parse.parse_qs(query).get("d", [])
+    @staticmethod
+    def _label_studio(url: str, conn: LabelStudioConnection) -> ImageSource:
+        """A URL on Label Studio's origin, allowed only on a file path (:data:`LABEL_STUDIO_PATHS` below its
+        base path, no ``..``)."""
+        u, _ = _split_url(url, quoted(url))
+        base = urllib.parse.urlsplit(conn.url).path.rstrip("/")
+        path = u.path[len(base):] if base and u.path.startswith(base + "/") else u.path
+        files = urllib.parse.parse_qs(u.query).get("d", [])
         if _climbs(path) or any(_climbs(d) for d in files) or not path.startswith(LABEL_STUDIO_PATHS):
             raise ImageLoadError(f"refused {quoted(url)}: not a Label Studio file path (it must start with one of "
                                  f"{', '.join(LABEL_STUDIO_PATHS)} and hold no '..')")
@@ -244,7 +363,10 @@ class ImageLoader:
     def _local(self, path: str) -> str:
         if not self._roots:
             raise ImageLoadError(f"refused local file {quoted(path)}: no LOCAL_FILES_ROOTS are configured")
-        real = os.path.realpath(path)
+        try:
+            real = os.path.realpath(path)
+        except (ValueError, OSError) as e:
+            raise ImageLoadError(f"refused local file {quoted(path)}: {e.__class__.__name__}") from e
         if not self._under_roots(real):
             raise ImageLoadError(f"refused local file {quoted(path)}: outside LOCAL_FILES_ROOTS "
                                  f"(symlinks are resolved)")
@@ -271,88 +393,141 @@ class ImageLoader:
             raise ImageLoadError(f"refused {source}: above MAX_IMAGE_BYTES={self.settings.max_image_bytes}")
         return data
 
-    def _check_host(self, url: str, source: str) -> None:
-        """Refuse a web host that resolves to a non-public address, unless IMAGE_HOSTS_ALLOWED names it."""
-        scheme, host, port = origin(url)
+    def _deadline_error(self, source: str) -> ImageLoadError:
+        return ImageLoadError(f"cannot fetch {source}: IMAGE_FETCH_DEADLINE_S={self.settings.image_fetch_deadline_s} "
+                              f"exceeded", transient=True)
+
+    def _check_host(self, url: str, source: str, deadline: float) -> str | None:
+        """Refuse a web host that resolves to a non-public address, unless IMAGE_HOSTS_ALLOWED names it.
+
+        Returns:
+            the checked address to connect to, or None for a host allowed by name (resolved as usual).
+
+        Raises:
+            ImageLoadError: not http(s), no host, does not resolve (in time), or a refused address.
+        """
+        _, (scheme, host, port) = _split_url(url, source)
         if scheme not in ("http", "https") or not host:
             raise ImageLoadError(f"refused {source}: only http(s) URLs with a host can be fetched")
         allowed = self.settings.image_hosts_allowed
         if host in allowed:
-            return
+            return None
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError):
-            raise ImageLoadError(f"cannot fetch {source}: the host {quoted(host, 60)} does not resolve") from None
+            infos = _DNS.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM).result(
+                timeout=max(deadline - time.monotonic(), 0.0))
+        except concurrent.futures.TimeoutError:
+            raise self._deadline_error(source) from None
+        except (socket.gaierror, UnicodeError, OSError) as e:
+            raise ImageLoadError(f"cannot fetch {source}: the host {quoted(host, 60)} does not resolve") from e
         nets = [ipaddress.ip_network(a, strict=False) for a in allowed if "/" in a]
+        addresses = []
         for info in infos:
             ip = ipaddress.ip_address(info[4][0].split("%")[0])
-            if getattr(ip, "ipv4_mapped", None):
-                ip = ip.ipv4_mapped
+            addresses.append(str(ip))
             if str(ip) in allowed or any(ip in n for n in nets if n.version == ip.version):
                 continue
-            if not ip.is_global or ip.is_multicast:
-                raise ImageLoadError(f"refused {source}: its host resolves to a private, loopback or link-local "
-                                     f"address (add the host to IMAGE_HOSTS_ALLOWED to allow it)")
+            if not is_public_address(ip):
+                raise ImageLoadError(f"refused {source}: its host resolves to a private, loopback, link-local or "
+                                     f"tunnelled address (add the host to IMAGE_HOSTS_ALLOWED to allow it)")
+        if not addresses:
+            raise ImageLoadError(f"cannot fetch {source}: the host {quoted(host, 60)} does not resolve")
+        return addresses[0]
+
+    def _get(self, url: str, headers: dict, address: str | None, timeout: float) -> requests.Response:
+        """One GET without redirects, streamed, connecting to ``address`` when given (:class:`_PinnedAdapter`)."""
+        prep = self._session.prepare_request(requests.Request("GET", url, headers=headers))
+        if address is not None:
+            u = urllib.parse.urlsplit(url)
+            prep.headers["Host"] = u.netloc.rpartition("@")[2]
+            prep.pinned_address = address
+        return self._session.send(prep, stream=True, allow_redirects=False, timeout=(timeout, timeout))
 
     def _fetch(self, src: ImageSource, source: str, deadline: float) -> bytes:
         """Download an image: redirects followed by hand (each target checked), the key to Label Studio only."""
         s = self.settings
-        url, refreshed = src.location, False
+        conn = self.connection  # one snapshot: a concurrent /setup never sends a new key to the old origin
+        url, refreshed, left_label_studio = src.location, False, False
         for _ in range(MAX_REDIRECTS + 1):
-            to_ls = self.connection is not None and self.connection.owns(url)
-            if not to_ls:
-                self._check_host(url, source)
+            to_ls = conn is not None and conn.owns(url)
+            if to_ls and left_label_studio:
+                raise ImageLoadError(f"refused {source}: a web image redirects into Label Studio")
+            if to_ls:
+                self._label_studio(url, conn)  # every hop on Label Studio's origin is a file path
+                address = None
+            else:
+                left_label_studio = True
+                address = self._check_host(url, source, deadline)
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ImageLoadError(f"cannot fetch {source}: IMAGE_FETCH_DEADLINE_S={s.image_fetch_deadline_s} "
-                                     f"exceeded")
+                raise self._deadline_error(source)
+            headers = {"Accept-Encoding": "identity"}
+            if to_ls:
+                try:
+                    headers.update(conn.auth_headers())
+                except LabelStudioError as e:
+                    raise ImageLoadError(f"cannot fetch {source}: {e}", transient=True) from e
             try:
-                headers = self.connection.auth_headers() if to_ls else {}
-            except LabelStudioError as e:
-                raise ImageLoadError(f"cannot fetch {source}: {e}") from e
-            timeout = min(s.image_fetch_timeout_s, left)
-            try:
-                r = self._session.get(url, headers=headers, stream=True, allow_redirects=False,
-                                      timeout=(timeout, timeout))
-            except requests.Timeout:
-                raise ImageLoadError(f"cannot fetch {source}: timed out") from None
+                r = self._get(url, headers, address, min(s.image_fetch_timeout_s, left))
+            except requests.Timeout as e:
+                raise ImageLoadError(f"cannot fetch {source}: timed out", transient=True) from e
             except requests.RequestException as e:
-                raise ImageLoadError(f"cannot fetch {source}: connection failed ({e.__class__.__name__})") from e
-            with r:
+                raise ImageLoadError(f"cannot fetch {source}: connection failed ({e.__class__.__name__})",
+                                     transient=True) from e
+            with r, _Watchdog(r, deadline):
                 if r.is_redirect and r.headers.get("Location"):
                     url = urllib.parse.urljoin(url, r.headers["Location"])
+                    if any(ord(c) < 32 or ord(c) == 127 for c in url):
+                        raise ImageLoadError(f"refused {source}: a redirect to a URL with a control character")
+                    _split_url(url, source)
                     continue
                 if r.status_code == 401 and to_ls and not refreshed:
-                    self.connection.refresh()  # an access token revoked or expired early: exchange the PAT again
+                    conn.refresh()  # an access token revoked or expired early: exchange the PAT again
                     refreshed = True
                     continue
                 if r.status_code != 200:
-                    hint = (f" (check LABEL_STUDIO_API_KEY: Label Studio refused the {self.connection.kind})"
+                    hint = (f" (check LABEL_STUDIO_API_KEY: Label Studio refused the {conn.kind})"
                             if to_ls and r.status_code in (401, 403) else "")
-                    raise ImageLoadError(f"fetching {source} returned HTTP {r.status_code}{hint}")
+                    raise ImageLoadError(f"fetching {source} returned HTTP {r.status_code}{hint}",
+                                         transient=r.status_code >= 500)
                 return self._read_body(r, source, deadline)
         raise ImageLoadError(f"cannot fetch {source}: more than {MAX_REDIRECTS} redirects")
 
     def _read_body(self, r: requests.Response, source: str, deadline: float) -> bytes:
+        """The body as sent (at most MAX_IMAGE_BYTES), then decompressed when the server gzipped or deflated it
+        anyway (the result capped too); a body that is not finished by the deadline is refused."""
         cap = self.settings.max_image_bytes
         length = r.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > cap:
             raise ImageLoadError(f"refused {source}: Content-Length {length} above MAX_IMAGE_BYTES={cap}")
+        encoding = r.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity", "gzip", "x-gzip", "deflate"):
+            raise ImageLoadError(f"refused {source}: Content-Encoding {quoted(encoding, 30)}")
         buf = bytearray()
         try:
             while True:
+                chunk = r.raw.read1(_CHUNK, decode_content=False)  # what has arrived, not a full chunk
                 if time.monotonic() > deadline:
-                    raise ImageLoadError(f"cannot fetch {source}: IMAGE_FETCH_DEADLINE_S="
-                                         f"{self.settings.image_fetch_deadline_s} exceeded")
-                chunk = r.raw.read1(_CHUNK, decode_content=True)  # returns what has arrived, not a full chunk
+                    raise self._deadline_error(source)
                 if not chunk:
                     break
                 buf += chunk
                 if len(buf) > cap:
                     raise ImageLoadError(f"refused {source}: more than MAX_IMAGE_BYTES={cap} bytes")
-        except (requests.RequestException, OSError, ValueError) as e:
-            raise ImageLoadError(f"cannot fetch {source}: the download broke off ({e.__class__.__name__})") from e
-        return bytes(buf)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError) as e:
+            if time.monotonic() > deadline:
+                raise self._deadline_error(source) from e
+            raise ImageLoadError(f"cannot fetch {source}: the download broke off ({e.__class__.__name__})",
+                                 transient=True) from e
+        if encoding in ("", "identity"):
+            return bytes(buf)
+        try:
+            d = zlib.decompressobj(zlib.MAX_WBITS | 32 if "gzip" in encoding else zlib.MAX_WBITS)
+            data = d.decompress(bytes(buf), cap + 1)
+        except zlib.error as e:
+            raise ImageLoadError(f"refused {source}: a broken {encoding} body") from e
+        if len(data) > cap:
+            raise ImageLoadError(f"refused {source}: more than MAX_IMAGE_BYTES={cap} bytes once decompressed")
+        return data
 
     def load(self, field, deadline: float | None = None) -> np.ndarray:
         """The upright RGB image of a task image field.
@@ -402,4 +577,5 @@ class ImageLoader:
         return self._cache_bytes
 
 
-__all__ = ["ImageLoader", "ImageLoadError", "ImageSource", "decode_image", "quoted", "LABEL_STUDIO_PATHS"]
+__all__ = ["ImageLoader", "ImageLoadError", "ImageSource", "decode_image", "is_public_address", "quoted",
+           "IMAGE_FORMATS", "LABEL_STUDIO_PATHS"]

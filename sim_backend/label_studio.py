@@ -43,7 +43,11 @@ def key_kind(api_key: str) -> str:
 
 
 def origin(url: str) -> tuple[str, str, int]:
-    """(scheme, lower-case host, port) of a URL, the default port filled in."""
+    """(scheme, lower-case host, port) of a URL, the default port filled in.
+
+    Raises:
+        ValueError: a malformed URL (a port that is not a number in 0–65535, unbalanced IPv6 brackets).
+    """
     u = urllib.parse.urlsplit(url)
     scheme = (u.scheme or "").lower()
     return scheme, (u.hostname or "").lower(), u.port or {"http": 80, "https": 443}.get(scheme, 0)
@@ -84,6 +88,19 @@ class LabelStudioConnection:
                                            max_retries=0)
             return self._client
 
+    def project(self, project: int | str):
+        """The project (label-studio-sdk's ``Project``: ``label_config``, ``title``, …).
+
+        Raises:
+            LabelStudioError: unknown project or refused key (also when building the client refuses an
+                expired PAT).
+            LabelStudioUnavailable: Label Studio does not answer.
+        """
+        try:
+            return self.client().projects.get(id=int(project))
+        except Exception as e:
+            raise sdk_error(e, self.url, f"reading project {project}") from e
+
     def refresh(self) -> None:
         """Forget the access token: the next request exchanges the PAT again (after a 401, or near expiry)."""
         with self._lock:
@@ -110,8 +127,12 @@ class LabelStudioConnection:
         return {"Authorization": header}
 
     def owns(self, url: str) -> bool:
-        """Whether ``url`` is on Label Studio's origin (same scheme, host and port): only there goes the key."""
-        return origin(url) == origin(self.url)
+        """Whether ``url`` is on Label Studio's origin (same scheme, host and port): only there goes the key.
+        A malformed URL is nobody's."""
+        try:
+            return origin(url) == origin(self.url)
+        except ValueError:
+            return False
 
 
 def _seconds_left(token: str) -> float:
@@ -120,20 +141,6 @@ def _seconds_left(token: str) -> float:
     except jwt.InvalidTokenError:
         return float("inf")
     return float("inf") if exp is None else float(exp) - time.time()
-
-
-def connect(url: str, api_key: str, timeout: float = 30.0) -> LabelStudio:
-    """A ``label_studio_sdk.LabelStudio`` client (no network call yet).
-
-    Args:
-        url: Label Studio's base URL, e.g. ``http://localhost:8080``.
-        api_key: the API key.
-        timeout: seconds per request.
-
-    Raises:
-        LabelStudioError: URL or API key missing.
-    """
-    return LabelStudioConnection(url, api_key, timeout).client()
 
 
 def sdk_error(e: Exception, url: str, what: str) -> LabelStudioError:
@@ -178,5 +185,5 @@ def label_studio_alive(url: str, timeout: float = 5.0) -> bool:
         return False
 
 
-__all__ = ["LabelStudioError", "LabelStudioUnavailable", "LabelStudioConnection", "key_kind", "origin", "connect",
+__all__ = ["LabelStudioError", "LabelStudioUnavailable", "LabelStudioConnection", "key_kind", "origin",
            "sdk_error", "iter_project_tasks", "label_studio_alive"]

@@ -92,12 +92,14 @@ class Predictor:
             self._setup_configs[project] = label_config
 
     # -- request -----------------------------------------------------------------------------------
-    def predict(self, payload: Any) -> dict:
+    def predict(self, payload: Any, engine: BoxToMask | None = None) -> dict:
         """Answer one /predict request.
 
         Args:
             payload: the decoded JSON body ``{tasks, project, label_config, params: {context,
                 polygon_tolerance_px}}``.
+            engine: the engine to use (default: the one the project serves now; a batch job passes one
+                engine for all its requests, so that a version published mid-way does not mix in).
 
         Returns:
             ``{"results": [{"result", "score", "model_version"[, "error"]}, … one per task], "model_version",
@@ -147,7 +149,7 @@ class Predictor:
             raise BadRequest(f"params.context.result must be a list of regions, got {type(context['result']).__name__}")
         context_rects = rectangles(context["result"]) if interactive else None
 
-        engine = self.engines.get(project)
+        engine = engine or self.engines.get(project)
         results, errors, skipped = [], [], []
         for task in tasks:
             tid = task.get("id") if isinstance(task.get("id"), (int, str)) else None

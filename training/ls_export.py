@@ -30,12 +30,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
-import requests
-
 from sim_backend.images import ImageLoader, ImageLoadError
 from sim_backend.label_config import LabelConfigError, parse_label_config
 from sim_backend.label_studio import (LabelStudioConnection, LabelStudioError, LabelStudioUnavailable,
-                                      iter_project_tasks, label_studio_alive, sdk_error)
+                                      iter_project_tasks, label_studio_alive)
 from sim_backend.settings import Settings
 from sim_backend.tasks import Region, latest_annotation, parse_regions, task_image_url
 from sim_model.registry import ModelRegistry
@@ -139,10 +137,7 @@ class ProjectExport:
 
 def _is_connection_failure(exc: BaseException) -> bool:
     """Whether an image error comes from a dead server (no answer, reset, timeout, 5xx)."""
-    cause = exc.__cause__ or exc
-    if isinstance(cause, (requests.ConnectionError, requests.Timeout)):
-        return True
-    return " returned HTTP 5" in str(exc)
+    return bool(getattr(exc, "transient", False))
 
 
 def export_tasks(tasks: Iterable[dict], label_config: str, project: int | str, cache_dir: str | os.PathLike,
@@ -224,8 +219,8 @@ def export_tasks(tasks: Iterable[dict], label_config: str, project: int | str, c
                          cache.downloaded, cache.reused, label_config)
 
 
-def export_project(project: int | str, url: str, api_key: str, cache_dir: str | os.PathLike,
-                   registry: ModelRegistry, settings: Settings | None = None, timeout: float = 30.0,
+def export_project(project: int | str, connection: LabelStudioConnection, cache_dir: str | os.PathLike,
+                   registry: ModelRegistry, settings: Settings | None = None,
                    progress: Callable[[str], None] | None = None) -> ProjectExport:
     """Export a live Label Studio project (tasks, latest annotations, images) into a :class:`ProjectExport`.
 
@@ -234,29 +229,23 @@ def export_project(project: int | str, url: str, api_key: str, cache_dir: str | 
 
     Args:
         project: Label Studio project id.
-        url, api_key: Label Studio base URL and API key (a Personal Access Token or a legacy token).
+        connection: Label Studio (URL, key, request timeout).
         cache_dir: image cache root (``<cache_dir>/<project>/images``).
         registry: holds the class map.
-        settings: the image loader's limits and allowed image sources; the URL, key and timeout given here
-            override its fields.
-        timeout: seconds for each Label Studio request.
+        settings: the image loader's limits and allowed image sources (its in-memory image cache is not
+            used: images go to the disk cache); downloads time out after the connection's timeout.
 
     Raises:
         LabelStudioError: unknown project, refused key, unusable labeling config.
         LabelStudioUnavailable: Label Studio does not answer, or stops answering mid-way.
     """
     say = progress or (lambda m: print(f"[export] {m}", file=sys.stderr, flush=True))
-    conn = LabelStudioConnection(url, api_key, timeout)
-    try:
-        proj = conn.client().projects.get(id=int(project))
-    except Exception as e:
-        raise sdk_error(e, url, f"reading project {project}") from e
+    proj = connection.project(project)
     label_config = getattr(proj, "label_config", None) or ""
     say(f"project {project} ({getattr(proj, 'title', '') or 'untitled'}): listing tasks")
-    s = replace(settings or Settings(), label_studio_url=conn.url, label_studio_api_key=api_key,
-                image_cache_bytes=0, image_fetch_timeout_s=timeout)
-    return export_tasks(iter_project_tasks(conn.client(), project, conn.url), label_config, project, cache_dir,
-                        registry, ImageLoader(s, connection=conn), say)
+    s = replace(settings or Settings(), image_cache_bytes=0, image_fetch_timeout_s=connection.timeout)
+    return export_tasks(iter_project_tasks(connection.client(), project, connection.url), label_config, project,
+                        cache_dir, registry, ImageLoader(s, connection=connection), say)
 
 
 __all__ = ["DEFAULT_CACHE_SUBDIR", "ExportedTask", "ProjectExport", "export_tasks", "export_project"]

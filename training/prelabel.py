@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 import httpx
+from label_studio_sdk.core.api_error import ApiError
 
 from sim_backend.engines import EngineProvider
 from sim_backend.images import ImageLoader
@@ -86,19 +87,13 @@ def prelabel(project: str, connection: LabelStudioConnection, settings: Settings
             labeling config.
         LabelStudioUnavailable: Label Studio stops answering.
     """
+    label_config = connection.project(project).label_config or ""
     client = connection.client()
-    try:
-        label_config = client.projects.get(id=int(project)).label_config or ""
-        tasks = list(iter_project_tasks(client, project, connection.url))
-    except LabelStudioError:
-        raise
-    except Exception as e:
-        raise sdk_error(e, connection.url, f"reading project {project}") from e
-    images = ImageLoader(replace(settings, label_studio_url=connection.url,
-                                 label_studio_api_key=connection.api_key), connection=connection)
+    tasks = list(iter_project_tasks(client, project, connection.url))
     engines = EngineProvider(settings)
-    predictor = Predictor(settings, engines, images)
-    report = PrelabelReport(engines.get(project).model_version, tasks=len(tasks))
+    predictor = Predictor(settings, engines, ImageLoader(settings, connection=connection))
+    engine = engines.get(project)  # one engine for the whole run: a version published mid-way does not mix in
+    report = PrelabelReport(engine.model_version, tasks=len(tasks))
     tty = getattr(out, "isatty", lambda: False)()
     started, step = time.monotonic(), max(1, len(tasks) // 20)
     for n, task in enumerate(tasks, 1):
@@ -112,7 +107,8 @@ def prelabel(project: str, connection: LabelStudioConnection, settings: Settings
             report.no_boxes += 1
         else:
             try:
-                answer = predictor.predict({"tasks": [task], "label_config": label_config, "project": project})
+                answer = predictor.predict({"tasks": [task], "label_config": label_config, "project": project},
+                                           engine=engine)
             except BadRequest as e:
                 raise LabelStudioError(f"project {project}: {e}") from e
             res = answer["results"][0]
@@ -124,9 +120,16 @@ def prelabel(project: str, connection: LabelStudioConnection, settings: Settings
                     try:
                         client.predictions.create(task=int(tid), result=res["result"], score=res["score"],
                                                   model_version=res["model_version"])
+                        report.written += 1
+                    except ApiError as e:
+                        if e.status_code not in (400, 404, 422):  # refused key (401/403) or a failing server
+                            raise sdk_error(e, connection.url, f"writing the prediction of task {tid}") from e
+                        report.failed.append(f"task {tid}: Label Studio refused its prediction (HTTP {e.status_code})")
+                        print(f"[prelabel] {report.failed[-1]}", file=out, flush=True)
                     except httpx.TransportError as e:
                         raise sdk_error(e, connection.url, f"writing the prediction of task {tid}") from e
-                report.written += 1
+                else:
+                    report.written += 1
         if tty or n % step == 0 or n == len(tasks):
             print(_bar(n, len(tasks), started, report.written), end="\r" if tty and n < len(tasks) else "\n",
                   file=out, flush=True)

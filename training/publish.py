@@ -53,7 +53,8 @@ def validate_against_served(version_dir: Path, version: str, registry: ModelRegi
     engine = version_engine(version_dir, version=version)
     say(f"evaluating {version} on the annotator polygons")
     val = evaluation_summary(evaluate_box_to_mask(engine, val_json, image_dir, progress=False))
-    base_engine = served_engine(registry, project)
+    base_engine = served_engine(registry, project, on_error=lambda e: say(
+        f"the served version cannot be loaded ({e}): comparing with the cold start, which the backend serves instead"))
     say(f"evaluating the served engine ({base_engine.model_version}) on the same polygons")
     baseline = evaluation_summary(evaluate_box_to_mask(base_engine, val_json, image_dir, progress=False))
     baseline["version"] = registry.current_version(project)

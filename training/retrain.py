@@ -64,16 +64,16 @@ from typing import Sequence
 
 from detectron2.config import CfgNode
 
-from sim_backend.label_studio import LabelStudioError
+from sim_backend.label_studio import LabelStudioConnection, LabelStudioError
 from sim_backend.settings import Settings, SettingsError
 from sim_backend.tasks import parse_project_id
 from sim_model.checkpoint import checkpoint_iteration, grow_class_rows
 from sim_model.datasets import REPO_ROOT
 from sim_model.engines import version_engine
 from sim_model.registry import (CLASSES_FILE, CONFIG_FILE, WEIGHTS_FILE, LockHeld, ModelRegistry, ProjectLock,
-                                acquire_slot, adopt_lock, adopt_slot, read_classes)
+                                acquire_slot, adopt_lock, adopt_slot, jsonable, read_classes)
 from training import ls_export
-from training.publish import jsonable, validate_against_served, write_version
+from training.publish import validate_against_served, write_version
 from training.score_store import ScoreDB
 from training.scores import compute_scores
 from training.train import build_config, train
@@ -174,6 +174,8 @@ class RetrainJob:
 
     @property
     def served_name(self) -> str:
+        """The project's served version (e.g. ``"v0003"``), or ``"the cold-start engine"`` when none is
+        current; read from the registry at each access, for progress lines."""
         return self.registry.current_version(self.project) or "the cold-start engine"
 
     def run(self) -> int:
@@ -213,8 +215,9 @@ class RetrainJob:
         """Step 2: the project's tasks, annotations and images (exit 4 / 5 when impossible / empty)."""
         say(2, f"export from {self.url or '(no URL)'} (image cache {self.cache_dir / self.project})")
         try:
-            export = ls_export.export_project(self.project, self.url, self.api_key, self.cache_dir, self.registry,
-                                              self.settings, timeout=self.timeout, progress=lambda m: say(2, m))
+            connection = LabelStudioConnection(self.url, self.api_key, self.timeout)
+            export = ls_export.export_project(self.project, connection, self.cache_dir, self.registry,
+                                              self.settings, progress=lambda m: say(2, m))
         except LabelStudioError as e:
             raise RetrainFailed(EXIT_LABEL_STUDIO, f"export failed: {e}; {self.served_name} keeps serving") from e
         say(2, export.summary())

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import httpx
 import numpy as np
 
-from sim_backend.label_studio import LabelStudioError, connect
+from sim_backend.label_studio import LabelStudioConnection, LabelStudioError
 from sim_backend.settings import Settings
 from sim_backend.tasks import parse_project_id
 from sim_model.box_to_mask import BoxToMask
@@ -104,9 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         key = args.api_key or settings.label_studio_api_key
         cache = Path(args.cache_dir) if args.cache_dir else model_dir / DEFAULT_CACHE_SUBDIR
         try:
-            export = export_project(args.project, url, key, cache, registry, settings)
+            connection = LabelStudioConnection(url, key)
+            export = export_project(args.project, connection, cache, registry, settings)
             engine = version_engine(registry.version_dir(args.project, version))
-            push_predictions(engine, export, sim_model_version(version), connect(url, key), db, version, settings)
+            push_predictions(engine, export, sim_model_version(version), connection.client(), db, version, settings)
         except LabelStudioError as e:
             print(f"error: {e}", file=sys.stderr)
             return 4

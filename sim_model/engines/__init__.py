@@ -11,10 +11,11 @@ cold-start engine. The backend adds caching and hot reload around the same two b
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 from sim_model.box_to_mask import BoxToMask
 from sim_model.engines.grabcut import GrabCutBoxToMask
-from sim_model.registry import ModelRegistry, sim_model_version
+from sim_model.registry import ModelRegistry, ModelVersionError, sim_model_version
 
 
 def cold_start_engine() -> BoxToMask:
@@ -42,16 +43,29 @@ def version_engine(version_dir: str | os.PathLike, device: str = "cpu", version:
     return engine
 
 
-def served_engine(registry: ModelRegistry, project: int | str, device: str = "cpu") -> BoxToMask:
+def served_engine(registry: ModelRegistry, project: int | str, device: str = "cpu",
+                  on_error: Callable[[ModelVersionError], None] | None = None) -> BoxToMask:
     """The engine that serves ``project`` now: its current version, else the cold start.
 
+    Args:
+        registry, project: where the current version is.
+        device: torch device.
+        on_error: when given, a current version that cannot be loaded is reported to it and the cold start
+            returned instead (what the backend serves then); when None, the error is raised.
+
     Raises:
-        sim_model.registry.ModelVersionError: the current version cannot be loaded.
+        sim_model.registry.ModelVersionError: the current version cannot be loaded (``on_error`` None).
     """
     version = registry.current_version(project)
     if version is None:
         return cold_start_engine()
-    return version_engine(registry.version_dir(project, version), device)
+    try:
+        return version_engine(registry.version_dir(project, version), device)
+    except ModelVersionError as e:
+        if on_error is None:
+            raise
+        on_error(e)
+        return cold_start_engine()
 
 
 __all__ = ["cold_start_engine", "version_engine", "served_engine"]

@@ -37,7 +37,7 @@ import pytest
 import requests
 
 from tests.e2e import ls_harness as H
-from sim_backend.label_studio import LabelStudioError
+from sim_backend.label_studio import LabelStudioConnection, LabelStudioError
 from sim_model.registry import ModelRegistry, ProjectLock
 from training import ls_export
 from training.score_store import ScoreDB
@@ -203,7 +203,8 @@ def flow(project, ls_client) -> Flow:
 def test_export_from_real_label_studio(project, label_studio, tmp_path):
     """label-studio-sdk export of the live project: boxes, polygons, class map, incremental image cache."""
     reg = ModelRegistry(tmp_path / "models")
-    ex = ls_export.export_project(project.id, label_studio.url, label_studio.api_key, tmp_path / "cache", reg,
+    ex = ls_export.export_project(project.id, LabelStudioConnection(label_studio.url, label_studio.api_key),
+                                  tmp_path / "cache", reg,
                                   progress=lambda m: None)
     assert len(ex.tasks) == N_IMAGES and not ex.skipped and ex.n_unlabeled == 0
     assert ex.n_boxes == sum(project.task_boxes.values())
@@ -216,13 +217,15 @@ def test_export_from_real_label_studio(project, label_studio, tmp_path):
 
     with Image.open(t.file) as im:
         assert im.size == (t.width, t.height)
-    again = ls_export.export_project(project.id, label_studio.url, label_studio.api_key, tmp_path / "cache", reg,
+    again = ls_export.export_project(project.id, LabelStudioConnection(label_studio.url, label_studio.api_key),
+                                  tmp_path / "cache", reg,
                                      progress=lambda m: None)
     assert (again.downloaded, again.reused) == (0, N_IMAGES)
     assert again.coco_train() == ex.coco_train()
     # a wrong key is refused with a clear message, not a crash
     with pytest.raises(LabelStudioError, match="401|403"):
-        ls_export.export_project(project.id, label_studio.url, "wrong-key", tmp_path / "c2", reg, progress=lambda m: None)
+        ls_export.export_project(project.id, LabelStudioConnection(label_studio.url, "wrong-key"), tmp_path / "c2",
+                                 reg, progress=lambda m: None)
 
 
 def test_retrain_publishes_a_new_version(flow):

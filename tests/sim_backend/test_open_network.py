@@ -323,7 +323,7 @@ def test_private_addresses_are_refused_unless_allowed_also_after_a_redirect(tmp_
         hop = Streamer(lambda h: (h.send_response(302), h.send_header("Location", files.url + "/a.jpg"),
                                   h.send_header("Content-Length", "0"), h.end_headers()))
         try:
-            with pytest.raises(ImageLoadError, match="private, loopback or link-local.*IMAGE_HOSTS_ALLOWED"):
+            with pytest.raises(ImageLoadError, match="private, loopback, link-local or tunnelled.*IMAGE_HOSTS_ALLOWED"):
                 ImageLoader(_settings(tmp_path)).load(files.url + "/a.jpg")
             # "localhost" is allowed, 127.0.0.1 (where it redirects to) is not
             to_localhost = hop.url.replace("127.0.0.1", "localhost")
@@ -432,3 +432,182 @@ def test_a_10_mb_image_path_is_not_echoed(tmp_path, caplog):
         r = _predict(client, "/" + "z" * (10 * MIB))
     assert r.status_code == 200 and len(r.get_data()) < 2000
     assert max(len(rec.getMessage()) for rec in caplog.records) < 1000
+
+
+# ---------------------------------------------------------------------------------------------- found in review
+def _serve_bytes(data: bytes, **headers: str):
+    def body(h):
+        h.send_response(200)
+        for k, v in {"Content-Length": str(len(data)), **headers}.items():
+            h.send_header(k, v)
+        h.end_headers()
+        h.wfile.write(data)
+    return body
+
+
+def test_the_download_connects_to_the_checked_address_without_a_second_lookup(tmp_path, image_copy, monkeypatch):
+    """DNS rebinding: a name that answers a checked address first and another one later."""
+    real = socket.getaddrinfo
+    asked = []
+
+    def rebinding(host, *a, **kw):
+        if host == "rebind.test":
+            asked.append(host)
+            if len(asked) > 1:  # a second lookup would go somewhere else
+                raise socket.gaierror("rebound")
+            return real("127.0.0.1", *a, **kw)
+        return real(host, *a, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    server = Streamer(_serve_bytes(image_copy.read_bytes(), **{"Content-Type": "image/jpeg"}))
+    hosts = []
+    server_body = server._httpd.RequestHandlerClass.do_GET
+
+    def record(h):
+        hosts.append(h.headers.get("Host"))
+        server_body(h)
+
+    server._httpd.RequestHandlerClass.do_GET = record
+    try:
+        url = server.url.replace("127.0.0.1", "rebind.test") + "/a.jpg"
+        image = ImageLoader(_settings(tmp_path, IMAGE_HOSTS_ALLOWED="127.0.0.1")).load(url)
+    finally:
+        server.close()
+    assert image.shape == (426, 640, 3) and asked == ["rebind.test"]
+    assert hosts == [url.split("/")[2]]  # the server was asked for the name, on the checked address
+
+
+def test_a_web_image_cannot_redirect_into_label_studio(tmp_path, image_copy):
+    with FileServer(tmp_path, token="tok") as ls:
+        hop = Streamer(lambda h: (h.send_response(302), h.send_header("Location", ls.url + "/data/upload/a.jpg"),
+                                  h.send_header("Content-Length", "0"), h.end_headers()))
+        try:
+            loader = ImageLoader(_settings(tmp_path, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY="tok",
+                                           IMAGE_HOSTS_ALLOWED="127.0.0.1"))
+            with pytest.raises(ImageLoadError, match="redirects into Label Studio"):
+                loader.load(hop.url + "/x.jpg")
+        finally:
+            hop.close()
+        assert ls.requests == []  # the key never followed the stranger's link
+
+
+def test_malformed_urls_are_image_errors(tmp_path):
+    loader = ImageLoader(_settings(tmp_path, LABEL_STUDIO_URL="http://127.0.0.1:9", LABEL_STUDIO_API_KEY="k"))
+    for field in ("http://x:99999/a.jpg", "http://[::1/a.jpg", "/data/upload/\x00a.jpg", "http://host/a\x00.jpg",
+                  str(tmp_path / "a\x00.jpg")):
+        with pytest.raises(ImageLoadError, match="malformed URL|control character"):
+            loader.load(field)
+
+
+@pytest.mark.parametrize("address, public", [("8.8.8.8", True), ("2606:4700:4700::1111", True),
+                                             ("127.0.0.1", False), ("::ffff:127.0.0.1", False),
+                                             ("64:ff9b::7f00:1", False), ("2002:7f00:1::1", False),
+                                             ("2001:0:4136:e378::1", False), ("::127.0.0.1", False),
+                                             ("169.254.169.254", False), ("fd00::1", False)])
+def test_tunnelled_and_private_addresses_are_not_public(address, public):
+    import ipaddress
+
+    from sim_backend.images import is_public_address
+    assert is_public_address(ipaddress.ip_address(address)) is public
+
+
+def test_compressed_bodies_are_capped_after_decompression(tmp_path, image_copy):
+    import gzip
+    jpeg = image_copy.read_bytes()
+    bomb = gzip.compress(b"\0" * (3 * MIB))  # ~3 KB on the wire
+    servers = {name: Streamer(_serve_bytes(data, **{"Content-Encoding": enc}))
+               for name, data, enc in (("ok", gzip.compress(jpeg), "gzip"), ("bomb", bomb, "gzip"),
+                                       ("br", jpeg, "br"))}
+    try:
+        loader = ImageLoader(_settings(tmp_path, IMAGE_HOSTS_ALLOWED="127.0.0.1", MAX_IMAGE_BYTES=str(MIB)))
+        assert loader.load(servers["ok"].url + "/a.jpg").shape == (426, 640, 3)
+        assert servers["ok"].requests  # asked once, with Accept-Encoding: identity
+        with pytest.raises(ImageLoadError, match="once decompressed"):
+            loader.load(servers["bomb"].url + "/b.jpg")
+        with pytest.raises(ImageLoadError, match="Content-Encoding"):
+            loader.load(servers["br"].url + "/c.jpg")
+    finally:
+        for s in servers.values():
+            s.close()
+
+
+def test_only_common_image_formats_reach_a_decoder(tmp_path):
+    import io
+
+    from sim_backend.images import decode_image
+    for fmt in ("ICO", "PCX", "TGA"):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, fmt)
+        with pytest.raises(ImageLoadError, match="not a readable image"):
+            decode_image(buf.getvalue(), 10**6)
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, "PNG")
+    assert decode_image(buf.getvalue(), 10**6)[0, 0].tolist() == [200, 10, 10]
+
+
+def test_a_hanging_dns_lookup_ends_at_the_fetch_deadline(tmp_path, monkeypatch):
+    real = socket.getaddrinfo
+
+    def slow(host, *a, **kw):
+        if host == "slow.test":
+            time.sleep(5)
+        return real(host, *a, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    t0 = time.monotonic()
+    with pytest.raises(ImageLoadError, match="IMAGE_FETCH_DEADLINE_S") as e:
+        ImageLoader(_settings(tmp_path, IMAGE_FETCH_DEADLINE_S="1")).load("http://slow.test/a.jpg")
+    assert time.monotonic() - t0 < 3 and e.value.transient
+
+
+def test_label_studio_under_a_subpath(tmp_path, image_copy):
+    data = image_copy.read_bytes()
+
+    def ls(h):
+        if h.path == "/ls/data/upload/a.jpg" and h.headers.get("Authorization") == "Token tok":
+            _serve_bytes(data)(h)
+        else:
+            h.send_error(404)
+
+    server = Streamer(ls)
+    try:
+        loader = ImageLoader(_settings(tmp_path, LABEL_STUDIO_URL=server.url + "/ls", LABEL_STUDIO_API_KEY="tok"))
+        assert loader.load("/data/upload/a.jpg").shape == (426, 640, 3)
+        assert ImageLoader(loader.settings).load(server.url + "/ls/data/upload/a.jpg").shape == (426, 640, 3)
+        with pytest.raises(ImageLoadError, match="not a Label Studio file path"):
+            loader.load(server.url + "/ls/api/projects/")
+    finally:
+        server.close()
+    assert [p for p, _ in server.requests] == ["/ls/data/upload/a.jpg"] * 2
+
+
+def test_dead_servers_are_transient_refusals_are_not(tmp_path):
+    loader = ImageLoader(_settings(tmp_path, IMAGE_HOSTS_ALLOWED="127.0.0.1", IMAGE_FETCH_TIMEOUT_S="2"))
+    with pytest.raises(ImageLoadError) as dead:
+        loader.load(f"http://127.0.0.1:{_free_port()}/a.jpg")
+    missing = Streamer(lambda h: h.send_error(404))
+    failing = Streamer(lambda h: h.send_error(503))
+    try:
+        with pytest.raises(ImageLoadError) as e404:
+            loader.load(missing.url + "/a.jpg")
+        with pytest.raises(ImageLoadError) as e503:
+            loader.load(failing.url + "/a.jpg")
+    finally:
+        missing.close()
+        failing.close()
+    assert dead.value.transient and e503.value.transient and not e404.value.transient
+
+
+def test_an_environment_key_never_goes_to_the_host_setup_names(tmp_path, image_copy):
+    foreign = Streamer(lambda h: h.send_error(404))
+    try:
+        client = _client(_settings(tmp_path, LABEL_STUDIO_API_KEY="env-key", BASIC_AUTH_USER="u",
+                                   BASIC_AUTH_PASS="p"))
+        assert client.post("/setup", auth=("u", "p"), json={"project": 1, "schema": coco_config(),
+                                                            "hostname": foreign.url, "access_token": "t"}).status_code == 200
+        body = client.post("/predict", auth=("u", "p"), json={
+            "label_config": coco_config(), "tasks": [{"id": 1, "data": {"image": "/data/upload/a.jpg"}}],
+            "params": {"context": {"result": [rect_item(LABEL, XYWH, 640, 426)]}}}).get_json()
+    finally:
+        foreign.close()
+    assert foreign.requests == [] and "not set" in body["errors"][0]["error"]

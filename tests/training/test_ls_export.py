@@ -18,7 +18,7 @@ from pycocotools.coco import COCO
 from sim_backend.images import ImageLoader
 from sim_backend.settings import Settings
 from sim_model.registry import ModelRegistry
-from sim_backend.label_studio import LabelStudioUnavailable
+from sim_backend.label_studio import LabelStudioConnection, LabelStudioUnavailable
 from tests.support import (COCO_TRAIN_IMAGES, DATA_ROOTS, coco_config, coco_train, coco_train_labels, make_tasks, poly_item,
                            rect_item)
 from training import ls_export
@@ -96,8 +96,10 @@ def test_image_cache_is_incremental(tmp_path, loader):
 
 
 def test_broken_tasks_are_skipped_with_a_message(tmp_path, loader):
-    tasks, _ = make_tasks(n_images=5, polygons_on=1)
+    tasks, _ = make_tasks(n_images=7, polygons_on=1)
     tasks[0]["data"]["image"] = str(tmp_path / "missing.jpg")                        # unreadable image
+    tasks[5]["data"]["image"] = "http://x:99999/a.jpg"                                # malformed URLs
+    tasks[6]["data"]["image"] = "http://[::1/a.jpg"
     not_image = tmp_path / "not-an-image.jpg"
     not_image.write_text("hello")
     tasks[1]["data"]["image"] = str(not_image)                                        # not an image
@@ -114,7 +116,7 @@ def test_broken_tasks_are_skipped_with_a_message(tmp_path, loader):
     assert set(by_id) == {tasks[3]["id"], tasks[4]["id"]}
     msgs = " | ".join(m for _, m in export.skipped)
     assert "missing.jpg" in msgs and "not a readable image" in msgs and "no image in data['image']" in msgs
-    assert "region bad" in msgs
+    assert "region bad" in msgs and msgs.count("malformed URL") == 2
     assert export.n_unlabeled == 1
     assert all(r.region_id != "x" for r in by_id[tasks[4]["id"]].regions)  # cancelled annotation ignored
     assert len(by_id[tasks[3]["id"]].boxes) == sum(
@@ -157,4 +159,5 @@ def test_label_studio_down_aborts_the_export(tmp_path):
     with pytest.raises(LabelStudioUnavailable, match="stopped answering.*task 1001"):
         _export(tasks, tmp_path, loader)
     with pytest.raises(LabelStudioUnavailable, match="does not answer"):
-        ls_export.export_project(9, url, "k", tmp_path / "cache", ModelRegistry(tmp_path / "m"), timeout=2)
+        ls_export.export_project(9, LabelStudioConnection(url, "k", timeout=2), tmp_path / "cache",
+                                 ModelRegistry(tmp_path / "m"))
