@@ -26,6 +26,17 @@ from training.prelabel import prelabel  # noqa: E402
 
 
 def main() -> int:
+    """Command-line entry point (module docstring; arguments from ``sys.argv``).
+
+    Returns:
+        0 when every image's task got a prelabel, 1 otherwise (the figures are printed, and recorded in
+        docs/benchmarks.json / .md unless ``--no-write``, either way).
+
+    Raises:
+        SystemExit: status 2 on a usage error.
+        Exception: from the Label Studio harness (``tests/e2e/ls_harness.py``) when Label Studio cannot be
+            started or set up, or from coco-mini missing (``FileNotFoundError``).
+    """
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=79)
     p.add_argument("--no-write", action="store_true")

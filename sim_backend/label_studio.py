@@ -165,6 +165,12 @@ def sdk_error(e: Exception, url: str, what: str) -> LabelStudioError:
 def iter_project_tasks(client: LabelStudio, project: int | str, url: str, page_size: int = 100) -> Iterator[dict]:
     """Every task of a project with its annotations and predictions, as plain dicts (paged by the SDK).
 
+    Args:
+        client: label-studio-sdk's client (:meth:`LabelStudioConnection.client`).
+        project: project id (int or a string of digits).
+        url: Label Studio's URL, for error messages only.
+        page_size: tasks per API page.
+
     Raises:
         LabelStudioError / LabelStudioUnavailable: on a transport or HTTP error (even mid-way).
     """

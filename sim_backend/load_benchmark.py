@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     python -m sim_backend.load_benchmark [--clients 20] [--seconds 60] [--workers 2] [--threads 2]
-        [--max-requests N] [--kill-worker-after S] [--no-write]
+        [--max-requests N] [--kill-worker-after S] [--health-timeout S] [--no-write]
 
 It starts ``gunicorn sim_backend.wsgi:app`` on a free 127.0.0.1 port (the README's flags; GrabCut, the
 cold-start engine; coco-mini val2017 images as local files under ``LOCAL_FILES_ROOTS``), then runs
@@ -15,6 +15,11 @@ Targets on 2 cores: 20 concurrent clicks, 0 errors, p95 ≤ 1.5 s, worker RSS gr
 ``--kill-worker-after S`` sends SIGKILL to one worker S seconds in and reports how many requests failed
 (those the worker had accepted: in its threads and its queue) and how many failed later than 2 s after
 the kill (none should), and how long gunicorn took to start its replacement.
+
+The server's model folder (empty: the cold-start engine) and its stderr log live in a temporary folder
+that is removed at the end, also on failure. When the server does not answer ``/health`` within
+``--health-timeout`` seconds (or exits first), the run stops with :class:`ServerNotHealthy`: the command
+prints the reason and the end of gunicorn's stderr and exits with status 2.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import statistics
@@ -36,8 +42,14 @@ from pathlib import Path
 from sim_model.datasets import REPO_ROOT, coco_mini_dir, split_files
 from sim_model.results import machine_description, record_results
 
-#: The labeling config of the clicks: coco-mini's 80 labels on Image + RectangleLabels + PolygonLabels + BrushLabels.
+#: Table of docs/benchmarks.json / .md that the results go to.
 TABLE = "backend-load"
+#: Seconds the server gets to answer ``/health`` after its start (``--health-timeout``).
+HEALTH_TIMEOUT_S = 120.0
+
+
+class ServerNotHealthy(RuntimeError):
+    """The backend under test exited, or did not answer ``GET /health`` with 200 in time."""
 
 
 def _free_port() -> int:
@@ -75,6 +87,8 @@ def _clicks(seed: int = 0):
 
 
 def _config(labels: list[str]) -> str:
+    """The labeling config of the clicks: ``labels`` (coco-mini's 80) on Image + RectangleLabels +
+    PolygonLabels + BrushLabels."""
     items = "".join(f'<Label value="{label}"/>' for label in labels)
     return (f'<View><Image name="image" value="$image"/><RectangleLabels name="box" toName="image">{items}'
             f'</RectangleLabels><PolygonLabels name="poly" toName="image">{items}</PolygonLabels>'
@@ -90,85 +104,149 @@ def _payload(click, config: str, n: int) -> bytes:
                        "params": {"context": {"result": [rect]}}}).encode()
 
 
+def _tail(path: Path, n: int = 20) -> str:
+    """The last ``n`` lines of a text file ("" when it cannot be read)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, timeout_s: float = HEALTH_TIMEOUT_S) -> float:
+    """Wait until ``GET <base>/health`` answers 200, polling every 0.3 s.
+
+    Args:
+        base: the server's URL, e.g. ``"http://127.0.0.1:8123"``.
+        proc: the server process (an exit stops the wait at once).
+        timeout_s: the longest wait, in seconds.
+
+    Returns:
+        The seconds waited.
+
+    Raises:
+        ServerNotHealthy: ``proc`` exited, or ``timeout_s`` passed without a 200; the message says which,
+            with the last answer or connection error.
+    """
+    t0 = time.monotonic()
+    last = "no answer"
+    while True:
+        code = proc.poll()
+        if code is not None:
+            raise ServerNotHealthy(f"the server exited with status {code} before {base}/health answered")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return time.monotonic() - t0
+                last = f"HTTP {r.status}"
+        except OSError as e:  # refused while starting; HTTPError (an OSError) for a 4xx/5xx answer
+            last = f"{e.__class__.__name__}: {e}"
+        if time.monotonic() - t0 >= timeout_s:
+            raise ServerNotHealthy(f"{base}/health did not answer 200 within {timeout_s:g} s (last: {last})")
+        time.sleep(0.3)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Terminate the server and wait for it (SIGKILL when it takes more than 60 s)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def run(clients: int, seconds: float, workers: int, threads: int, max_requests: int | None = None,
-        kill_after: float | None = None) -> dict:
+        kill_after: float | None = None, health_timeout_s: float = HEALTH_TIMEOUT_S) -> dict:
     """Start gunicorn, click for ``seconds`` with ``clients`` threads (killing a worker ``kill_after`` seconds
-    in, when given), stop; returns the figures."""
+    in, when given), stop; returns the figures.
+
+    The server's temporary folder (its model dir and stderr log) is removed before returning or raising.
+
+    Raises:
+        ServerNotHealthy: the server did not answer ``/health`` within ``health_timeout_s`` seconds or
+            exited first; the message ends with the last lines of gunicorn's stderr.
+    """
     clicks, labels = _clicks()
     config = _config(labels)
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    model_dir = tempfile.mkdtemp(prefix="load-models-")
-    env = dict(os.environ, MODEL_DIR=model_dir, LOCAL_FILES_ROOTS=str(coco_mini_dir().resolve()), LOG_LEVEL="ERROR",
-               OMP_NUM_THREADS="1")
-    gunicorn = Path(sys.executable).parent / "gunicorn"
-    cmd = [str(gunicorn), "sim_backend.wsgi:app", "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
-           "--threads", str(threads), "--timeout", "300", "--no-control-socket"]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tmp = Path(tempfile.mkdtemp(prefix="load-benchmark-"))
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        model_dir = tmp / "models"
+        model_dir.mkdir()
+        stderr_log = tmp / "gunicorn-stderr.log"
+        env = dict(os.environ, MODEL_DIR=str(model_dir), LOCAL_FILES_ROOTS=str(coco_mini_dir().resolve()),
+                   LOG_LEVEL="ERROR", OMP_NUM_THREADS="1")
+        gunicorn = Path(sys.executable).parent / "gunicorn"
+        cmd = [str(gunicorn), "sim_backend.wsgi:app", "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
+               "--threads", str(threads), "--timeout", "300", "--no-control-socket"]
+        with open(stderr_log, "wb") as errf:
+            proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=errf)
+        try:
             try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
+                wait_healthy(base, proc, health_timeout_s)
+            except ServerNotHealthy as e:
+                _stop(proc)
+                tail = _tail(stderr_log)
+                raise ServerNotHealthy(f"{e}; command: {' '.join(cmd)}"
+                                       + (f"\ngunicorn's stderr ends with:\n{tail}" if tail else "")) from None
+            warm = _payload(clicks[0], config, 0)
+            for _ in range(workers * 2):  # every worker imports its engine before the clock starts
+                urllib.request.urlopen(urllib.request.Request(base + "/predict", data=warm, headers={
+                    "Content-Type": "application/json"}), timeout=120)
+            pids = _children(proc.pid)
+            rss_start = {p: _rss_mb(p) for p in pids}
+            latencies, errors, lock = [], [], threading.Lock()
+            stop_at = time.monotonic() + seconds
+            count = [0]
+
+            def client(seed: int) -> None:
+                rng = random.Random(seed)
+                while time.monotonic() < stop_at:
+                    with lock:
+                        if max_requests is not None and count[0] >= max_requests:
+                            return
+                        count[0] += 1
+                        n = count[0]
+                    body = _payload(rng.choice(clicks), config, n)
+                    t0 = time.monotonic()
+                    try:
+                        req = urllib.request.Request(base + "/predict", data=body,
+                                                     headers={"Content-Type": "application/json"})
+                        with urllib.request.urlopen(req, timeout=60) as r:
+                            answer = json.loads(r.read())
+                        ok = r.status == 200 and not answer.get("errors")
+                        why = None if ok else f"HTTP {r.status}: {answer.get('errors')}"
+                    except Exception as e:  # a refused or dropped connection counts as an error
+                        ok, why = False, f"{e.__class__.__name__}: {e}"
+                    dt = time.monotonic() - t0
+                    with lock:
+                        (latencies.append(dt) if ok else errors.append((time.monotonic(), why)))
+
+            t_start = time.monotonic()
+            pool = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+            for t in pool:
+                t.start()
+            replaced_s, t_kill = None, float("inf")
+            if kill_after is not None:
+                time.sleep(kill_after)
+                victim = pids[0]
+                os.kill(victim, signal.SIGKILL)
+                t_kill = time.monotonic()
+                while time.monotonic() - t_kill < 30:
+                    now = set(_children(proc.pid)) - {victim}
+                    if len(now) >= workers:
+                        replaced_s = time.monotonic() - t_kill
                         break
-            except OSError:
-                time.sleep(0.3)
-        warm = _payload(clicks[0], config, 0)
-        for _ in range(workers * 2):  # every worker imports its engine before the clock starts
-            urllib.request.urlopen(urllib.request.Request(base + "/predict", data=warm,
-                                                          headers={"Content-Type": "application/json"}), timeout=120)
-        pids = _children(proc.pid)
-        rss_start = {p: _rss_mb(p) for p in pids}
-        latencies, errors, lock = [], [], threading.Lock()
-        stop_at = time.monotonic() + seconds
-        count = [0]
-
-        def client(seed: int) -> None:
-            rng = random.Random(seed)
-            while time.monotonic() < stop_at:
-                with lock:
-                    if max_requests is not None and count[0] >= max_requests:
-                        return
-                    count[0] += 1
-                    n = count[0]
-                body = _payload(rng.choice(clicks), config, n)
-                t0 = time.monotonic()
-                try:
-                    req = urllib.request.Request(base + "/predict", data=body, headers={"Content-Type": "application/json"})
-                    with urllib.request.urlopen(req, timeout=60) as r:
-                        answer = json.loads(r.read())
-                    ok = r.status == 200 and not answer.get("errors")
-                    why = None if ok else f"HTTP {r.status}: {answer.get('errors')}"
-                except Exception as e:  # a refused or dropped connection counts as an error
-                    ok, why = False, f"{e.__class__.__name__}: {e}"
-                dt = time.monotonic() - t0
-                with lock:
-                    (latencies.append(dt) if ok else errors.append((time.monotonic(), why)))
-
-        t_start = time.monotonic()
-        pool = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-        for t in pool:
-            t.start()
-        replaced_s, t_kill = None, float("inf")
-        if kill_after is not None:
-            time.sleep(kill_after)
-            victim = pids[0]
-            os.kill(victim, signal.SIGKILL)
-            t_kill = time.monotonic()
-            while time.monotonic() - t_kill < 30:
-                now = set(_children(proc.pid)) - {victim}
-                if len(now) >= workers:
-                    replaced_s = time.monotonic() - t_kill
-                    break
-                time.sleep(0.02)
-        for t in pool:
-            t.join()
-        wall = time.monotonic() - t_start
-        rss_end = {p: _rss_mb(p) for p in pids if os.path.exists(f"/proc/{p}")}
+                    time.sleep(0.02)
+            for t in pool:
+                t.join()
+            wall = time.monotonic() - t_start
+            rss_end = {p: _rss_mb(p) for p in pids if os.path.exists(f"/proc/{p}")}
+        finally:
+            _stop(proc)
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        shutil.rmtree(tmp, ignore_errors=True)
     lat = sorted(latencies)
 
     def pct(q: float) -> float:
@@ -187,7 +265,8 @@ def run(clients: int, seconds: float, workers: int, threads: int, max_requests: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0, or 1 when a target is missed)."""
+    """Command-line entry point; returns the exit status: 0, 1 when a target is missed, 2 when the server
+    never became healthy (the reason goes to stderr; nothing is recorded)."""
     p = argparse.ArgumentParser(prog="python -m sim_backend.load_benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--seconds", type=float, default=60.0)
@@ -196,9 +275,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-requests", type=int, default=None, help="stop after this many requests in all")
     p.add_argument("--kill-worker-after", type=float, default=None, help="SIGKILL a worker this many seconds in")
     p.add_argument("--no-write", action="store_true", help="print only; do not touch docs/benchmarks.*")
+    p.add_argument("--health-timeout", type=float, default=HEALTH_TIMEOUT_S,
+                   help="seconds the server gets to answer /health after its start (default %(default)g)")
     args = p.parse_args(argv)
     machine = machine_description()
-    fig = run(args.clients, args.seconds, args.workers, args.threads, args.max_requests, args.kill_worker_after)
+    try:
+        fig = run(args.clients, args.seconds, args.workers, args.threads, args.max_requests, args.kill_worker_after,
+                  args.health_timeout)
+    except ServerNotHealthy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(fig, indent=2))
     errors = fig["errors_later_than_2s_after_the_kill"] if args.kill_worker_after is not None else fig["errors"]
     met = errors == 0 and fig["p95_s"] <= 1.5 and fig["worker_rss_growth_mb"] <= 300

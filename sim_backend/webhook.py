@@ -3,9 +3,14 @@
 :func:`on_webhook` is called by the backend's ``POST /webhook`` route:
 
 * ``START_TRAINING`` (the project's "Start Training" button) → :func:`start_retrain`:
-  ``python -m training.retrain --project ID`` in a detached background process whose output goes to
-  ``<model dir>/<project>/logs/retrain-<UTC time>.log``; answers ``{"status": "started", "pid", "log"}``,
-  or ``{"status": "busy", ...}`` when a retrain of that project is already running.
+  ``python -m training.retrain --project ID`` in a detached background process. Its log is
+  ``<model dir>/<project>/logs/retrain-<UTC start time, YYYYmmddTHHMMSSZ>-<pid>.log``, where ``<pid>`` is
+  the process id of the backend worker that handled the event, *not* the retrain's (it keeps apart the
+  logs of retrains started in the same second by different workers); the file (opened for appending)
+  starts with the command line (``$ python -m training.retrain ...``), then the retrain's stdout and
+  stderr. Answers
+  ``{"status": "started", "pid": <the retrain's pid>, "log": <that path>}``, or ``{"status": "busy", ...}``
+  when a retrain of that project is already running or every retrain slot is taken.
 * ``ANNOTATION_CREATED`` → when ``RETRAIN_EVERY_N_ANNOTATIONS`` = N > 0, counts the project's new
   annotations in ``<model dir>/<project>/annotation_count.json`` and starts a retrain at the N-th (the
   count restarts at 0 once a retrain is started; while one runs, the count keeps growing and the next
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -35,6 +41,8 @@ from sim_model.registry import LOGS_DIR, LockHeld, ProjectLock, acquire_slot
 
 from .settings import Settings
 from .tasks import parse_project_id
+
+log = logging.getLogger(__name__)
 
 COUNT_FILE = "annotation_count.json"
 #: The repository root: the retrain runs as ``python -m training.retrain`` from here.
@@ -50,7 +58,17 @@ def start_retrain(project: str, settings: Settings) -> dict:
             environment) and ``retrain_args`` (added to its command line).
 
     Returns:
-        ``{"status": "started", "project", "pid", "log"}`` or ``{"status": "busy", "project", "message"}``.
+        ``{"status": "started", "project", "pid", "log"}`` (``pid``: the retrain's process id; ``log``: its
+        log file, module docstring) or ``{"status": "busy", "project", "message"}``.
+
+    Raises:
+        OSError: the lock files cannot be created, opened or locked, the log folder or the log file
+            cannot be created or opened, or the process cannot be started (``subprocess.Popen``). Nothing
+            was started then, and both locks are released. Once the process has started, no OSError is
+            raised: the reaper thread (which
+            collects its exit status, so that it does not stay a zombie) is started first, and a failure
+            to record its pid in the lock files is only logged as a warning (the retrain records its own
+            pid when it adopts the locks) — the answer is then still "started".
     """
     model_dir = Path(settings.model_dir).resolve()
     lock = ProjectLock(model_dir, project)
@@ -63,6 +81,9 @@ def start_retrain(project: str, settings: Settings) -> dict:
     except LockHeld as e:
         lock.release()
         return {"status": "busy", "project": project, "message": str(e)}
+    except BaseException:  # e.g. OSError: do not keep the project locked by this worker
+        lock.release()
+        raise
     try:
         log_dir = model_dir / project / LOGS_DIR
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -80,16 +101,20 @@ def start_retrain(project: str, settings: Settings) -> dict:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                     env=env, cwd=str(REPO_ROOT), pass_fds=(lock.fd, slot.fd),
                                     start_new_session=True, close_fds=True)
-        lock.write_holder(proc.pid)
-        slot.write_holder(proc.pid)
+        # first of all, collect the child's exit status when it ends, so that it does not stay a zombie
+        threading.Thread(target=proc.wait, daemon=True, name=f"reap-retrain-{proc.pid}").start()
+        for held in (lock, slot):
+            try:
+                held.write_holder(proc.pid)  # informational; the retrain rewrites it when it adopts the lock
+            except OSError as e:
+                log.warning("retrain of project %s started (pid %d), but its pid could not be recorded in %s: %s",
+                            project, proc.pid, held.path, e)
     finally:
         # our copies of the descriptors go; the child's copies keep the locks until it exits
         for held in (lock, slot):
             if held.fd is not None:
                 os.close(held.fd)
                 held.fd = None
-    # collect the child's exit status so that it does not stay a zombie
-    threading.Thread(target=proc.wait, daemon=True, name=f"reap-retrain-{proc.pid}").start()
     return {"status": "started", "project": project, "pid": proc.pid, "log": str(log_path)}
 
 
@@ -130,6 +155,13 @@ def on_webhook(payload: dict, settings: Settings) -> dict:
     Returns:
         A JSON-serialisable dict with ``status`` in ``started``, ``busy``, ``counted``, ``ignored``,
         ``error`` (``message`` says why).
+
+    Raises:
+        OSError: from :func:`start_retrain` (nothing started then), or the annotation count
+            (``ANNOTATION_CREATED``): its lock file or its file cannot be opened, locked or written. The
+            count is updated twice: before the retrain starts (then nothing is started) and, to reset it,
+            after a retrain started; an OSError there reaches the caller although that retrain runs (the
+            backend's route then answers 500).
     """
     if not isinstance(payload, dict):
         return {"status": "error", "message": "webhook payload must be a JSON object"}

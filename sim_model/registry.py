@@ -1,7 +1,15 @@
 """Model registry: the model versions of each project on disk, the switch of the served one, and the
-retrain lock. The backend reads it; training writes it; this is the only module that knows its files.
+retrain lock. The backend reads it; training writes it.
 
-Layout::
+This module defines the names of the version files, ``CURRENT``, the class map, the locks and the
+``logs/`` folder (the constants below: ``WEIGHTS_FILE`` … ``LOGS_DIR``); everything that reads or writes
+them goes through these names. Other modules keep files of their own in a project's folder, named there:
+``scores.sqlite`` (``training.score_store.SCORES_DB``), ``annotation_count.json`` and its ``.lock``
+(``sim_backend.webhook.COUNT_FILE``), the retrain logs inside ``logs/`` (named by
+:func:`sim_backend.webhook.start_retrain`) and the retrain's scratch folder ``.work-<pid>``
+(``training.retrain``).
+
+Layout (``*``: defined elsewhere, see above)::
 
     <root>/<project>/<version>/model.pth      detectron2 checkpoint (weights, iteration, SIM state)
     <root>/<project>/<version>/config.yaml    the detectron2 config the model was trained with
@@ -10,9 +18,11 @@ Layout::
     <root>/<project>/<version>/train_log.txt  training log
     <root>/<project>/CURRENT                  text: the served version name, replaced atomically
     <root>/<project>/classes.json             the project's class map, stable across versions
-    <root>/<project>/scores.sqlite            S_k per (task, region, version) (the retrain's scores)
+    <root>/<project>/scores.sqlite          * S_k per (task, region, version) (the retrain's scores)
+    <root>/<project>/annotation_count.json  * the webhook's count of new annotations
     <root>/<project>/retrain.lock             flock-ed by the running retrain (:class:`ProjectLock`)
-    <root>/<project>/logs/                    logs of retrains started by the webhook
+    <root>/<project>/logs/                    logs of retrains started by the webhook (file names: *)
+    <root>/.retrain-slots/slot-<i>.lock       the retrain slots (:func:`acquire_slot`)
 
 Versions are named ``v0001``, ``v0002``… A version directory is written under a temporary name
 (``.v0002.tmp-<pid>``) and renamed into place when complete (:meth:`ModelRegistry.create_version`),
@@ -51,8 +61,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
-
-import numpy as np
 
 from sim_model.files import atomic_write_text
 
@@ -99,6 +107,25 @@ def read_classes(path: str | os.PathLike) -> list[str]:
     return labels
 
 
+def missing_required_files(vdir: str | os.PathLike) -> list[str]:
+    """The names of :data:`REQUIRED_FILES` that are not regular files in ``vdir``, in that order.
+
+    This is the one test of a version directory's completeness (:func:`check_version_dir`,
+    :meth:`ModelRegistry.is_complete`, :meth:`~ModelRegistry.set_current`,
+    :meth:`~ModelRegistry.create_version`). A missing ``vdir`` lacks them all; a symlink to a regular
+    file counts as present.
+
+    Returns:
+        [] when the directory is complete.
+
+    Raises:
+        OSError: a file's status cannot be read for a reason other than its absence (e.g.
+            ``PermissionError`` on the folder), as :meth:`pathlib.Path.is_file`.
+    """
+    vdir = Path(vdir)
+    return [f for f in REQUIRED_FILES if not (vdir / f).is_file()]
+
+
 def check_version_dir(path: str | os.PathLike) -> Path:
     """A version directory that holds every file of :data:`REQUIRED_FILES`.
 
@@ -108,7 +135,7 @@ def check_version_dir(path: str | os.PathLike) -> Path:
     vdir = Path(path)
     if not vdir.is_dir():
         raise ModelVersionError(f"model version directory {vdir} does not exist")
-    missing = [f for f in REQUIRED_FILES if not (vdir / f).is_file()]
+    missing = missing_required_files(vdir)
     if missing:
         raise ModelVersionError(f"model version {vdir} lacks {', '.join(missing)}")
     return vdir
@@ -191,8 +218,7 @@ class ModelRegistry:
 
     def is_complete(self, project: int | str, version: str) -> bool:
         """Whether ``version`` exists under its final name with every file of ``REQUIRED_FILES``."""
-        vdir = self.version_dir(project, version)
-        return all((vdir / f).is_file() for f in REQUIRED_FILES)
+        return not missing_required_files(self.version_dir(project, version))
 
     def projects(self) -> list[str]:
         """Names of the project folders under the root, sorted."""
@@ -206,8 +232,7 @@ class ModelRegistry:
         Raises:
             FileNotFoundError: if the version directory lacks one of ``REQUIRED_FILES``.
         """
-        vdir = self.version_dir(project, version)
-        missing = [f for f in REQUIRED_FILES if not (vdir / f).is_file()]
+        missing = missing_required_files(self.version_dir(project, version))
         if missing:
             raise FileNotFoundError(f"version {version} of project {project} lacks {missing}")
         atomic_write_text(self.project_dir(project) / CURRENT_FILE, version + "\n")
@@ -229,9 +254,9 @@ class ModelRegistry:
             return {}
 
     def write_metrics(self, project: int | str, version: str, metrics: dict) -> None:
-        """Atomically (re)write the version's ``metrics.json``."""
+        """Atomically (re)write the version's ``metrics.json`` (values made JSON-ready by :func:`jsonable`)."""
         atomic_write_text(self.version_dir(project, version) / METRICS_FILE,
-                          json.dumps(metrics, indent=2, sort_keys=True, default=_json_default))
+                          json.dumps(jsonable(metrics), indent=2, sort_keys=True))
 
     def list_versions(self, project: int | str) -> list[VersionInfo]:
         """Every complete version of ``project`` with its metrics, oldest first."""
@@ -277,7 +302,7 @@ class ModelRegistry:
         tmp.mkdir()
         try:
             yield version, tmp
-            missing = [f for f in REQUIRED_FILES if not (tmp / f).is_file()]
+            missing = missing_required_files(tmp)
             if missing:
                 raise FileNotFoundError(f"version {version} of project {project} is incomplete: missing {missing}")
             final = pdir / version
@@ -407,14 +432,29 @@ def _finite(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
+def _json_fallback(o):
+    """``json.dumps``'s ``default`` hook of :func:`jsonable`: the JSON value of one unknown object."""
+    if getattr(o, "ndim", 0) and hasattr(o, "tolist"):  # an array (NumPy, torch) of 1 or more dimensions
         return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
+    if hasattr(o, "item"):  # a scalar: NumPy scalar, 0-d array or tensor
+        return o.item()
+    return str(o)
+
+
+def jsonable(o):
+    """A copy of ``o`` made of JSON types only, for ``metrics.json`` and other JSON records.
+
+    Dicts, lists, tuples, strings, numbers, booleans and None are kept (tuples become lists, dict keys
+    strings, as ``json`` does; NaN and infinities stay floats, written as ``NaN``/``Infinity``). Other
+    objects, at any depth: arrays of one dimension or more (NumPy ``ndarray``, torch ``Tensor``) become
+    nested lists (``tolist()``); scalars (NumPy scalars, 0-d arrays and tensors: anything with ``item()``)
+    their Python number; anything else, e.g. a :class:`~pathlib.Path`, its ``str()``.
+
+    Raises:
+        ValueError: ``o`` contains itself (circular reference, from ``json.dumps``).
+        TypeError: a dict key is not a str, int, float, bool or None.
+    """
+    return json.loads(json.dumps(o, default=_json_fallback))
 
 
 # ---------------------------------------------------------------------------------------- the retrain locks
@@ -439,7 +479,13 @@ class FileLock:
         self.fd: int | None = None
 
     def acquire(self) -> "FileLock":
-        """Take the lock now, or raise :class:`LockHeld`."""
+        """Take the lock now, or raise :class:`LockHeld`.
+
+        Raises:
+            LockHeld: another open file description holds it.
+            OSError: the lock file cannot be created, opened, locked or written (the holder record);
+                the lock is then not held and no descriptor is left open.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -450,7 +496,13 @@ class FileLock:
                 raise LockHeld(f"{self.what} is already running ({self.holder_info() or 'holder unknown'})") from None
             raise
         self.fd = fd
-        self.write_holder(os.getpid())
+        try:
+            self.write_holder(os.getpid())
+        except BaseException:
+            # not held after all: closing the descriptor drops the lock (no leaked, locked descriptor)
+            self.fd = None
+            os.close(fd)
+            raise
         return self
 
     def adopt(self, fd: int) -> "FileLock":
@@ -472,7 +524,11 @@ class FileLock:
         return self
 
     def write_holder(self, pid: int) -> None:
-        """Record the holder's pid and start time in the lock file (informational only)."""
+        """Record the holder's pid and start time in the lock file (informational only).
+
+        Raises:
+            OSError: the lock file cannot be written (the lock itself is unaffected).
+        """
         if self.fd is None:
             return
         os.ftruncate(self.fd, 0)

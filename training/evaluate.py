@@ -104,6 +104,20 @@ def evaluate(config_file: str, weights: str, json_file: Optional[str] = None, im
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m training.evaluate``: run :func:`evaluate`, print the figures as JSON (without
+    the per-box lists) and, with ``--output``, write them all there.
+
+    Args:
+        argv: the arguments (None: ``sys.argv[1:]``).
+
+    Returns:
+        0 when the evaluation ran.
+
+    Raises:
+        SystemExit: status 2 on a usage error (``--config`` and ``--weights`` are required).
+        FileNotFoundError: the config, the checkpoint or the dataset does not exist.
+        ValueError: only one of ``--json``/``--images``, or no dataset at all.
+    """
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="config yaml (the run's OUTPUT_DIR/config.yaml or configs/…)")
     p.add_argument("--weights", required=True, help="checkpoint (.pth) written by training.train")

@@ -129,6 +129,20 @@ def run_rung(rung: str, out: Path, skip_train: bool, write: bool) -> dict:
 
 
 def main(argv=None) -> int:
+    """Entry point of ``python -m training.ladder``: train (unless ``--skip-train`` finds the checkpoint),
+    evaluate and record each rung of ``--rungs`` in turn (module docstring).
+
+    Args:
+        argv: the arguments (None: ``sys.argv[1:]``).
+
+    Returns:
+        0 when every rung ran.
+
+    Raises:
+        SystemExit: status 2 on a usage error, e.g. an unknown rung.
+        subprocess.CalledProcessError: the training of a rung (``python -m training.train``) failed.
+        FileNotFoundError: coco-mini or a rung's output (config.yaml, train_result.json) is missing.
+    """
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("output/ladder"))
     p.add_argument("--rungs", default=",".join(RUNGS))

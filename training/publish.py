@@ -22,12 +22,7 @@ from sim_model.engines import served_engine, version_engine
 from sim_model.evaluation import evaluate_box_to_mask
 from sim_model.files import atomic_write_text
 from sim_model.registry import (CLASSES_FILE, CONFIG_FILE, METRICS_FILE, TRAIN_LOG_FILE, WEIGHTS_FILE,
-                                ModelRegistry)
-
-
-def jsonable(o):
-    """``o`` made JSON-serialisable (NumPy scalars as numbers, anything else unknown as its string)."""
-    return json.loads(json.dumps(o, default=lambda x: x.item() if hasattr(x, "item") else str(x)))
+                                ModelRegistry, jsonable)
 
 
 def evaluation_summary(ev: dict) -> dict:
@@ -97,4 +92,4 @@ def write_version(registry: ModelRegistry, project: str, *, weights: Path, cfg: 
     return version, metrics
 
 
-__all__ = ["jsonable", "evaluation_summary", "validate_against_served", "write_version"]
+__all__ = ["evaluation_summary", "validate_against_served", "write_version"]

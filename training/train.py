@@ -119,6 +119,12 @@ class Trainer(DefaultTrainer):
     """detectron2's ``DefaultTrainer`` with the box-only mapper, COCO evaluation and SIM state in checkpoints."""
 
     def __init__(self, cfg):
+        """Build model, optimizer, data loader, LR scheduler and checkpointer (detectron2), and add the
+        model's copy-paste memory bank to the checkpointables (when SIM's copy-paste is on).
+
+        Args:
+            cfg: from :func:`build_config` (``DATASETS.TRAIN`` registered, ``OUTPUT_DIR`` set).
+        """
         super().__init__(cfg)
         bank = getattr(_unwrap(self.model), "memory_bank", None)
         if bank is not None:
@@ -131,24 +137,56 @@ class Trainer(DefaultTrainer):
         return ret
 
     def load_state_dict(self, state_dict):
+        """Restore what :meth:`state_dict` saved: the iteration and the hooks' states and, when the checkpoint
+        has ``"_trainer"``, the training loop's optimizer (and AMP grad-scaler) state; a checkpoint without
+        it (written before the optimizer was saved) keeps the freshly built optimizer.
+
+        Raises:
+            KeyError: ``state_dict`` has no ``"iteration"`` (not a trainer state).
+        """
         super().load_state_dict(state_dict)
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
 
     @classmethod
     def build_train_loader(cls, cfg):
+        """detectron2's training loader over ``DATASETS.TRAIN`` with :class:`~training.data.BoxOnlyDatasetMapper`.
+
+        Returns:
+            An endless iterable of batches (``SOLVER.IMS_PER_BATCH`` images over all processes): lists of
+            dicts with ``image`` ((3, H, W) uint8 in ``INPUT.FORMAT``, resized and flipped) and
+            ``instances`` (``gt_boxes`` XYXY in pixels of that image, ``gt_classes`` int64); no masks.
+        """
         return build_detection_train_loader(cfg, mapper=BoxOnlyDatasetMapper(cfg, is_train=True))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
+        """detectron2's inference loader over the registered ``dataset_name``, one image per batch.
+
+        Returns:
+            An iterable of one-element lists of dicts with ``image`` ((3, H, W) uint8 in ``INPUT.FORMAT``,
+            resized to ``INPUT.MIN_SIZE_TEST``), ``height``/``width`` (original size, px), no annotations.
+        """
         return build_detection_test_loader(cfg, dataset_name, mapper=BoxOnlyDatasetMapper(cfg, is_train=False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """COCO bbox and segm evaluation of ``dataset_name`` (its json needs masks for segm).
+
+        Args:
+            output_folder: where the predictions are written (default
+                ``OUTPUT_DIR/inference/<dataset_name>``).
+
+        Returns:
+            A :class:`~detectron2.evaluation.COCOEvaluator` (results: AP, AP50, … in percent), gathering
+            the predictions of every process.
+        """
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return COCOEvaluator(dataset_name, tasks=("bbox", "segm"), distributed=True, output_dir=output_folder)
 
     def build_hooks(self):
+        """detectron2's default hooks with :class:`SyncIteration` first, so that the model's ``iteration``
+        buffer is set before every other hook and step."""
         hs = super().build_hooks()
         hs.insert(0, SyncIteration())
         return hs
@@ -237,6 +275,19 @@ def _main(args) -> dict:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
+    """The command line (module docstring): detectron2's ``default_argument_parser`` plus ``--config``,
+    ``--train-json``/``--train-images``, ``--val-json``/``--val-images`` and ``--threads``.
+
+    Args:
+        argv: the arguments (None: ``sys.argv[1:]``).
+
+    Returns:
+        The ``argparse.Namespace``; ``config_file`` is always set.
+
+    Raises:
+        SystemExit: status 2 on a usage error (including a missing ``--config``/``--config-file``),
+            status 0 after ``--help``.
+    """
     parser = default_argument_parser(epilog=__doc__)
     parser.add_argument("--config", dest="config_file", help="alias of --config-file")
     parser.add_argument("--train-json", help="COCO-format json of the training set (boxes are enough)")
@@ -253,6 +304,20 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m training.train``: train (or ``--eval-only`` evaluate) in ``--num-gpus``
+    processes through detectron2's ``launch``.
+
+    Args:
+        argv: the arguments (None: ``sys.argv[1:]``).
+
+    Returns:
+        0 once training (or the evaluation) has finished.
+
+    Raises:
+        SystemExit: status 2 on a usage error (:func:`parse_args`).
+        Exception: any error of the run propagates (e.g. ``FileNotFoundError`` for a missing config,
+            dataset or checkpoint, ``ValueError`` for a json/images flag given alone).
+    """
     args = parse_args(argv)
     launch(_main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

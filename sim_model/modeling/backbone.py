@@ -176,6 +176,13 @@ class EfficientNetLite(Backbone):
         return out
 
     def output_shape(self):
+        """detectron2's :class:`~detectron2.modeling.Backbone` interface: the shape of each output feature.
+
+        Returns:
+            ``{name: ShapeSpec(channels=C, stride=S)}`` for each of ``out_features``: C the channels of
+            that stage (Lite0: res2 24, res3 40, res4 112, res5 320), S its stride in input pixels
+            (2^N for resN: 4, 8, 16, 32). Height and width are not set (any input size).
+        """
         return {k: ShapeSpec(channels=self._out_feature_channels[k], stride=self._out_feature_strides[k])
                 for k in self._out_features}
 

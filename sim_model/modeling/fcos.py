@@ -39,6 +39,15 @@ class Scale(nn.Module):
         self.scale = nn.Parameter(torch.tensor([init_value], dtype=torch.float32))
 
     def forward(self, x):
+        """``x`` times the learned scalar.
+
+        Args:
+            x: a float tensor of any shape; in FCOS one level's box regression, (N, 4, H_l, W_l).
+
+        Returns:
+            ``x * scale``: the same shape (the (1,) float32 parameter broadcasts), the promoted dtype of
+            ``x`` and float32 (float32 for float32 or half inputs, float64 for float64).
+        """
         return x * self.scale
 
 

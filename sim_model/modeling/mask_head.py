@@ -71,6 +71,24 @@ class MaskBranch(nn.Module):
                     nn.init.constant_(m.bias, 0)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Fuse the FPN levels into the mask features.
+
+        Args:
+            features: ``num_levels`` float tensors (the module's dtype and device), finest first (P3, P4,
+                P5), level l of shape (N, in_channels, H_l, W_l), each exactly ``H_0 / H_l`` times coarser
+                than the first (FPN strides 8, 16, 32 of images padded to ``SIZE_DIVISIBILITY``: factors
+                1, 2, 4). Each goes through its 3x3 conv, is upsampled by the factor ``H_0 // H_l``
+                (:func:`aligned_bilinear`), cropped to (H_0, W_0) and added.
+
+        Returns:
+            Z: (N, out_channels, H_0, W_0) float, dtype and device of the inputs (stride 8 with P3 first).
+
+        Raises:
+            ValueError: a level finer than the first (factor 0).
+            RuntimeError: a level whose upsampled size does not cover (H_0, W_0) (sizes not in integer
+                ratios, e.g. unpadded images).
+            IndexError: more levels than ``num_levels``.
+        """
         x = None
         for i, f in enumerate(features):
             y = self.refine[i](f)

@@ -1,10 +1,12 @@
 """Webhook triggers: START_TRAINING starts one detached retrain per project; the lock survives crashes.
 
 The retrains started here are real ``python -m training.retrain`` processes pointed at a port where no
-Label Studio listens, so each one fails fast at its export step (exit 4) after having held the lock.
+Label Studio listens, so each one fails fast at its export step (exit 4) after having held the lock;
+the tests of failures around the start replace the child by ``python -c pass``.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -17,10 +19,11 @@ import pytest
 
 from dataclasses import replace
 
+from sim_backend import webhook
 from sim_backend.settings import Settings, SettingsError
 from sim_backend.webhook import on_webhook
 from sim_model.datasets import REPO_ROOT as REPO
-from sim_model.registry import ProjectLock
+from sim_model.registry import FileLock, ProjectLock
 
 
 def _dead_url() -> str:
@@ -116,3 +119,39 @@ def test_other_events_are_ignored(settings):
     assert on_webhook({"action": "START_TRAINING"}, settings)["status"] == "error"  # no project id
     assert on_webhook("nonsense", settings)["status"] == "error"
     assert not (settings.model_dir / "1").exists()  # nothing started, nothing written
+
+
+def test_a_started_retrain_is_reaped_and_answered_even_if_its_pid_cannot_be_recorded(settings, monkeypatch, caplog):
+    real_write_holder, real_popen = FileLock.write_holder, subprocess.Popen
+    started = []
+
+    def write_holder(self, pid):  # the backend's own record works; the one naming the child fails
+        if pid != os.getpid():
+            raise OSError(28, "No space left on device")
+        real_write_holder(self, pid)
+
+    def popen(cmd, **kwargs):  # a child that ends at once instead of a real retrain
+        started.append(real_popen([sys.executable, "-c", "pass"], **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(FileLock, "write_holder", write_holder)
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    with caplog.at_level(logging.WARNING, logger="sim_backend.webhook"):
+        out = on_webhook({"action": "START_TRAINING", "project": {"id": 7}}, settings)
+    assert out["status"] == "started" and out["pid"] == started[0].pid
+    assert "could not be recorded" in caplog.text
+    t0 = time.time()
+    while started[0].returncode is None:  # only the reaper thread's wait() sets it: no zombie
+        assert time.time() - t0 < 30, "the child was never reaped"
+        time.sleep(0.05)
+    _wait_unlocked(settings.model_dir, 7, timeout=30)
+
+
+def test_a_failed_slot_does_not_leave_the_project_locked(settings, monkeypatch):
+    def no_slot(model_dir, n):
+        raise OSError(13, "Permission denied")
+
+    monkeypatch.setattr(webhook, "acquire_slot", no_slot)
+    with pytest.raises(OSError, match="Permission denied"):
+        webhook.start_retrain("8", settings)
+    assert not ProjectLock(settings.model_dir, 8).is_held()

@@ -1,10 +1,11 @@
 """Atomic writes (sim_model.files): readers never see a partial file; failures leave the target alone."""
 import os
+import stat
 import threading
 
 import pytest
 
-from sim_model.files import atomic_write_bytes, atomic_write_text
+from sim_model.files import atomic_write_bytes, atomic_write_text, current_umask
 
 
 def test_write_creates_folders_and_replaces_whole_files(tmp_path):
@@ -39,3 +40,18 @@ def test_a_failed_write_leaves_the_target_and_no_temporary(tmp_path):
     with pytest.raises(TypeError):
         atomic_write_bytes(p, "not bytes")  # type: ignore[arg-type]
     assert p.read_text() == "kept" and os.listdir(tmp_path) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_written_files_get_the_mode_open_would_give_not_mkstemps_0600(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        new = atomic_write_text(tmp_path / "CURRENT", "v0001\n")
+        (tmp_path / "existing").write_text("old")
+        os.chmod(tmp_path / "existing", 0o600)
+        replaced = atomic_write_bytes(tmp_path / "existing", b"new")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(new.stat().st_mode) == mode
+    assert stat.S_IMODE(replaced.stat().st_mode) == mode

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from sim_model.registry import LockHeld, ModelRegistry, ProjectLock, adopt_lock
+from sim_model.registry import FileLock, LockHeld, ModelRegistry, ProjectLock, adopt_lock
 
 
 def _write_version(reg: ModelRegistry, project, metrics: dict | None = None) -> str:
@@ -178,3 +178,28 @@ def test_project_lock_is_exclusive_and_adoptable(tmp_path):
     with ProjectLock(tmp_path, 9):
         assert ProjectLock(tmp_path, 9).is_held()
     assert not ProjectLock(tmp_path, 9).is_held()
+
+
+def test_a_failed_holder_record_neither_keeps_the_lock_nor_leaks_its_descriptor(tmp_path, monkeypatch):
+    def disk_full(self, pid):
+        raise OSError(28, "No space left on device")
+
+    fds_before = set(os.listdir("/proc/self/fd"))
+    with monkeypatch.context() as m:
+        m.setattr(FileLock, "write_holder", disk_full)
+        lock = ProjectLock(tmp_path, 5)
+        with pytest.raises(OSError, match="No space"):
+            lock.acquire()
+    assert lock.fd is None and set(os.listdir("/proc/self/fd")) == fds_before
+    assert not ProjectLock(tmp_path, 5).is_held()
+    ProjectLock(tmp_path, 5).acquire().release()  # a later retrain can take it
+
+
+def test_metrics_are_written_as_plain_json(tmp_path):
+    np = pytest.importorskip("numpy")
+    reg = ModelRegistry(tmp_path)
+    v = _write_version(reg, 2, {})
+    reg.write_metrics(2, v, {"val": {"mIoU": np.float32(0.5), "n_masks": np.int64(3)}, "ious": np.array([0.25, 1.0]),
+                             "dir": tmp_path, "shape": (2, 3)})
+    assert reg.read_metrics(2, v) == {"val": {"mIoU": 0.5, "n_masks": 3}, "ious": [0.25, 1.0], "dir": str(tmp_path),
+                                      "shape": [2, 3]}
