@@ -31,7 +31,8 @@ else
 fi
 
 if "$PY" -c 'import detectron2, detectron2.evaluation, detectron2.model_zoo; assert detectron2.__version__ == "0.6"' 2>/dev/null \
-   && grep -q "patched by sim-prelabels" "$("$PY" -c 'import detectron2.model_zoo.model_zoo as m; print(m.__file__)')"; then
+   && grep -q "patched by sim-prelabels" "$("$PY" -c 'import detectron2.model_zoo.model_zoo as m; print(m.__file__)')" \
+   && grep -q "gloo on the CPU" "$("$PY" -c 'import detectron2.engine.launch as m; print(m.__file__)')"; then
   say "detectron2 0.6 (patched) already installed"
 else
   if [ ! -f "$CACHE/$D2_SDIST" ] || ! echo "$D2_SHA256  $CACHE/$D2_SDIST" | sha256sum -c --status; then

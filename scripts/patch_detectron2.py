@@ -1,4 +1,4 @@
-"""Apply five compatibility fixes to an unpacked ``pb1-detectron2==0.6`` sdist (detectron2 v0.6 on today's libraries).
+"""Apply six compatibility fixes to an unpacked ``pb1-detectron2==0.6`` sdist (detectron2 v0.6 on today's libraries).
 
 ``pb1-detectron2`` 0.6 has upstream detectron2 v0.6's Python files without the C++ sources. To run on
 today's torch, Pillow, numpy and setuptools it needs:
@@ -9,7 +9,9 @@ today's torch, Pillow, numpy and setuptools it needs:
    ``COCOeval_opt`` falls back to pycocotools' ``COCOeval``;
 3. ``Image.LINEAR`` → ``Image.BILINEAR`` (Pillow >= 10);
 4. ``np.bool/int/float/object/str`` → builtins (numpy >= 1.24);
-5. ``pkg_resources`` → ``os.path`` in ``model_zoo`` (setuptools >= 81).
+5. ``pkg_resources`` → ``os.path`` in ``model_zoo`` (setuptools >= 81);
+6. ``engine.launch`` and ``create_ddp_model`` on machines without CUDA: the ``gloo`` backend and CPU
+   DistributedDataParallel (no device ids), so ``--num-gpus N`` runs N CPU processes (tests, CPU clusters).
 
 Usage: ``python scripts/patch_detectron2.py SRC_DIR``. Idempotent: a file already patched is left as
 is. Every replacement is checked; a source that does not match the pinned sdist raises SystemExit.
@@ -85,10 +87,29 @@ def patch(src: Path) -> None:
     _replace(zoo, "import pkg_resources\n", "")
     _replace(zoo, 'cfg_file = pkg_resources.resource_filename(\n        "detectron2.model_zoo", os.path.join("configs", config_path)\n    )',
              "cfg_file = os.path.join(os.path.dirname(__file__), \"configs\", config_path)  " + MARK)
+    patch_cpu_launch(d2)
     print(f"patch_detectron2: patched {src}")
 
 
+def patch_cpu_launch(d2: Path) -> None:
+    """Fix 6 on the package folder ``d2`` (``.../detectron2``): launch and DDP without CUDA use gloo / CPU."""
+    launch = d2 / "engine" / "launch.py"
+    _replace(launch, '    assert torch.cuda.is_available(), "cuda is not available. Please check your installation."\n',
+             "    cuda = torch.cuda.is_available()  " + MARK + ": without CUDA, gloo on the CPU\n")
+    _replace(launch, '            backend="NCCL",\n', '            backend="NCCL" if cuda else "GLOO",\n')
+    _replace(launch, "    assert num_gpus_per_machine <= torch.cuda.device_count()\n    torch.cuda.set_device(local_rank)\n",
+             "    if cuda:\n        assert num_gpus_per_machine <= torch.cuda.device_count()\n"
+             "        torch.cuda.set_device(local_rank)\n")
+    defaults = d2 / "engine" / "defaults.py"
+    _replace(defaults, '    if "device_ids" not in kwargs:\n        kwargs["device_ids"] = [comm.get_local_rank()]\n',
+             '    if "device_ids" not in kwargs and torch.cuda.is_available():  ' + MARK + '\n'
+             '        kwargs["device_ids"] = [comm.get_local_rank()]\n')
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python scripts/patch_detectron2.py SRC_DIR")
-    patch(Path(sys.argv[1]))
+    if len(sys.argv) == 3 and sys.argv[1] == "--cpu-launch":  # an installed package: fix 6 only
+        patch_cpu_launch(Path(sys.argv[2]))
+    elif len(sys.argv) == 2:
+        patch(Path(sys.argv[1]))
+    else:
+        raise SystemExit("usage: python scripts/patch_detectron2.py SRC_DIR | --cpu-launch PACKAGE_DIR")

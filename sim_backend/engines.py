@@ -16,7 +16,7 @@ from typing import Callable
 
 from sim_model.box_to_mask import BoxToMask
 from sim_model.engines import cold_start_engine, version_engine
-from sim_model.registry import ModelRegistry, sim_model_version
+from sim_model.registry import ModelRegistry
 
 from .settings import Settings
 
@@ -97,7 +97,7 @@ class EngineProvider:
                 with self._lock:
                     self._failed[(key, version)] = time.monotonic()
                 return fallback
-            expected = sim_model_version(version)
+            expected = self.registry.model_version(project, version)
             if getattr(engine, "model_version", None) != expected:
                 # /setup answered `expected` before the load; Label Studio needs one stable string
                 log.warning("project %s: engine reports model_version %r, serving it as %r",
@@ -112,8 +112,9 @@ class EngineProvider:
     def model_version(self, project) -> str:
         """The ``model_version`` that predictions for ``project`` carry now, without loading a model.
 
-        A published version that has not been loaded yet is reported as :func:`sim_model_version`;
-        a version that failed to load reports the fallback's version.
+        A published version that has not been loaded yet is reported as
+        :meth:`~sim_model.registry.ModelRegistry.model_version`; a version that failed to load reports the
+        fallback's version.
         """
         version = self.current_version(project)
         if version is None:
@@ -125,7 +126,7 @@ class EngineProvider:
                 return cached[1].model_version
             if (key, version) in self._failed:
                 return self.fallback().model_version
-        return sim_model_version(version)
+        return self.registry.model_version(project, version)
 
     def preload(self, project) -> None:
         """Load the current engine of ``project`` in a background thread (used by /setup)."""
@@ -135,5 +136,5 @@ class EngineProvider:
         """The fallback's model_version, then the sorted model_version strings of the complete registry
         versions of ``project`` (of every project when None: Label Studio 1.23 asks without one)."""
         projects = [project] if project is not None else self.registry.projects()
-        names = {n for p in projects for n in self.registry.version_names(p)}
-        return [self.fallback().model_version] + [sim_model_version(n) for n in sorted(names)]
+        names = {self.registry.model_version(p, n) for p in projects for n in self.registry.version_names(p)}
+        return [self.fallback().model_version] + sorted(names)

@@ -129,6 +129,8 @@ class Region:
         kind: ``"rectangle"``, ``"polygon"`` or ``"brush"``.
         mask: (H, W) bool mask of a polygon/brush region, None for rectangles.
         train: whether the region gives a training box (every rectangle; a mask that matches no rectangle).
+        outlines: for a mask that matches a rectangle, that rectangle's ``region_id`` (the mask outlines
+            the object the rectangle boxes); None otherwise.
     """
 
     region_id: str
@@ -137,6 +139,7 @@ class Region:
     kind: str
     mask: np.ndarray | None = None
     train: bool = True
+    outlines: str | None = None
 
 
 def _xywh(box: np.ndarray) -> list[float]:
@@ -148,7 +151,8 @@ def parse_regions(result: list, width: int, height: int, to_name: str | None = N
     """An annotation's ``result`` as regions: rectangles are boxes, polygons and brush strokes are masks.
 
     A mask whose tight box overlaps no rectangle of the annotation (box IoU < :data:`MATCH_IOU`) is an
-    object without a drawn box: it gives a training box too.
+    object without a drawn box: it gives a training box too. Otherwise it outlines the rectangle it
+    overlaps most (``Region.outlines``).
 
     Args:
         result: Label Studio result items.
@@ -206,6 +210,7 @@ def parse_regions(result: list, width: int, height: int, to_name: str | None = N
         ious = mask_utils.iou([_xywh(m.box) for m in masks], [_xywh(r.box) for r in rects], [0] * len(rects))
         for m, row in zip(masks, np.atleast_2d(ious)):
             m.train = not bool((row >= MATCH_IOU).any())
+            m.outlines = None if m.train else rects[int(np.argmax(row))].region_id
     else:
         for m in masks:
             m.train = True

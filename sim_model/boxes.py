@@ -6,7 +6,9 @@ ceil(x1) - 1 and rows floor(y0) … ceil(y1) - 1, clipped to the image and at le
 high (a box thinner than a pixel still covers one column). :func:`box_pixel_bounds` gives those
 bounds for one box (NumPy, used by every engine for its box-local mask), :func:`box_masks` rasterises
 many boxes at once (torch, full resolution or sampled at a stride for the network's mask grid);
-:func:`mask_boxes` goes the other way, from masks to their tight boxes.
+:func:`mask_boxes` goes the other way, from masks to their tight boxes. :func:`context_window` is the
+window around a box that the close look (the network on a crop around the box) sees, in training and
+at inference.
 """
 from __future__ import annotations
 
@@ -36,6 +38,34 @@ def box_pixel_bounds(box: Sequence[float] | np.ndarray, image_hw: tuple[int, int
     c1 = int(np.clip(np.ceil(x1), c0 + 1, w))
     r1 = int(np.clip(np.ceil(y1), r0 + 1, h))
     return c0, r0, c1, r1
+
+
+def context_window(box: Sequence[float] | np.ndarray, image_hw: tuple[int, int], context: float,
+                   shift: tuple[float, float] = (0.0, 0.0)) -> tuple[int, int, int, int]:
+    """The pixel window around a box that a close look crops: the box scaled by ``context`` about its
+    centre (moved by ``shift``), made pixel-covering and clipped to the image.
+
+    Args:
+        box: (4,) float XYXY in pixels.
+        image_hw: (H, W) of the image in pixels.
+        context: window side / box side (>= 1: the box's pixel bounds always lie inside the window
+            when ``shift`` is 0).
+        shift: centre shift (dx, dy) as fractions of the box's width and height (training jitter).
+
+    Returns:
+        (x0, y0, x1, y1) int half-open window, at least one pixel wide and high, inside the image.
+
+    Raises:
+        ValueError: ``context`` < 1.
+    """
+    if not context >= 1.0:
+        raise ValueError(f"context must be >= 1, got {context}")
+    h, w = image_hw
+    x0, y0, x1, y1 = (float(v) for v in box)
+    bw, bh = max(x1 - x0, 1.0), max(y1 - y0, 1.0)
+    cx, cy = (x0 + x1) / 2 + shift[0] * bw, (y0 + y1) / 2 + shift[1] * bh
+    return box_pixel_bounds((cx - context * bw / 2, cy - context * bh / 2, cx + context * bw / 2,
+                             cy + context * bh / 2), (h, w))
 
 
 def box_masks(boxes: "torch.Tensor", height: int, width: int, stride: int = 1) -> "torch.Tensor":

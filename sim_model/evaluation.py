@@ -99,19 +99,34 @@ def coco_segm_ap(coco_gt: COCO, detections: list[dict], image_ids: list[int]) ->
 
     Returns:
         {"AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large"} in percent (0–100); -1 where COCOeval
-        has no ground truth for a size range; all 0.0 when there are no detections.
+        has no ground truth for a size range; all 0.0 when there are no detections. COCOeval's
+        detection cap per image (``maxDets``, 100 by default) is raised to the largest number of
+        detections of one image, so that crowded images (375 nuclei) count every mask.
     """
     keys = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large"]
     if not detections:
         return {k: 0.0 for k in keys}
+    per_image = np.bincount(np.unique([d["image_id"] for d in detections], return_inverse=True)[1])
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(detections)
         ev = COCOeval(coco_gt, coco_dt, iouType="segm")
         ev.params.imgIds = list(image_ids)
+        ev.params.maxDets = [1, 10, max(100, int(per_image.max()))]
         ev.evaluate()
         ev.accumulate()
-        ev.summarize()
-    return {k: (float(v) * 100.0 if v >= 0 else -1.0) for k, v in zip(keys, ev.stats[:6])}
+    # COCOeval.summarize's "AP" row is hard-wired to maxDets=100; read the precision table at the last cap
+    p, precision = ev.params, ev.eval["precision"]  # (T iou thresholds, R recalls, K classes, A areas, M caps)
+
+    def mean_precision(iou: float | None = None, area: str = "all") -> float:
+        s = precision[..., p.areaRngLbl.index(area), -1]
+        if iou is not None:
+            s = s[np.isclose(p.iouThrs, iou)]
+        s = s[s > -1]
+        return float(s.mean()) * 100.0 if s.size else -1.0
+
+    return {"AP": mean_precision(), "AP50": mean_precision(0.5), "AP75": mean_precision(0.75),
+            "AP_small": mean_precision(area="small"), "AP_medium": mean_precision(area="medium"),
+            "AP_large": mean_precision(area="large")}
 
 
 def evaluate_box_to_mask(engine: BoxToMask, coco_json: str | os.PathLike, image_dir: str | os.PathLike, *,

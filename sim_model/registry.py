@@ -34,7 +34,10 @@ Publishing rule (:meth:`ModelRegistry.publish`): the quality gate compares the b
 project's annotator polygons (validation masks) of the new version with that of the engine served
 now, measured on the same validation set by the retrain (``metrics["baseline"]``; without it, the
 current version's stored ``val.mIoU`` is used). The new version becomes current when
-``new >= baseline - tolerance``. When the project has no validation polygons (``metrics["val"]``
+``new >= baseline - tolerance`` and, when GrabCut was measured too (``metrics["grabcut"]``), when
+``new >= grabcut - tolerance``: a model serves only if it is as good as the cold start, which is always
+at hand; when the new version does not serve and GrabCut beats the served one by more than the
+tolerance, the served one is withdrawn and GrabCut serves again. When the project has no validation polygons (``metrics["val"]``
 missing or with ``n_masks == 0``), mask quality cannot be measured: the version is published when no
 version is served yet, or when the served version was not validated either (both unchecked, the newer
 one has seen more boxes); it is kept but not served when the served version was validated on polygons,
@@ -83,9 +86,21 @@ class ModelVersionError(RuntimeError):
     """A model version directory cannot be read (missing, unreadable or inconsistent file)."""
 
 
-def sim_model_version(version: str) -> str:
-    """The ``model_version`` Label Studio sees for a registry version, e.g. ``"v0003"`` → ``"sim-v0003"``."""
-    return f"sim-{version}"
+def sim_model_version(version: str, refine: bool = False) -> str:
+    """The ``model_version`` Label Studio sees for a registry version, e.g. ``"v0003"`` → ``"sim-v0003"``,
+    ``"sim-v0003+refine"`` when the version serves its map refined by colour (:func:`serves_refined`)."""
+    return f"sim-{version}" + ("+refine" if refine else "")
+
+
+def serves_refined(version_dir: str | os.PathLike) -> bool:
+    """Whether a version serves its map refined by GrabCut: ``metrics.json``'s ``engine.refine``, which
+    the retrain's gate writes (False when missing or unreadable)."""
+    try:
+        metrics = json.loads((Path(version_dir) / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    engine = metrics.get("engine") if isinstance(metrics, dict) else None
+    return bool(engine.get("refine")) if isinstance(engine, dict) else False
 
 
 def read_classes(path: str | os.PathLike) -> list[str]:
@@ -170,6 +185,8 @@ class PublishDecision:
         new_value: the new version's gate metric (None when it has no validation masks).
         baseline_value: the served engine's gate metric on the same validation set (None if unknown).
         tolerance: the allowed drop, in the metric's units (mIoU, [0, 1]).
+        cold_start: GrabCut beat both the new and the served version: the served one was withdrawn
+            (:meth:`ModelRegistry.clear_current`) and the cold start serves.
     """
 
     published: bool
@@ -179,11 +196,12 @@ class PublishDecision:
     new_value: float | None = None
     baseline_value: float | None = None
     tolerance: float = 0.0
+    cold_start: bool = False
 
     def as_dict(self) -> dict:
         """JSON-serialisable form (stored in the version's metrics.json under ``"publish"``)."""
-        return {k: getattr(self, k) for k in
-                ("published", "version", "previous", "reason", "new_value", "baseline_value", "tolerance")}
+        return {k: getattr(self, k) for k in ("published", "version", "previous", "reason", "new_value",
+                                              "baseline_value", "tolerance", "cold_start")}
 
 
 class ModelRegistry:
@@ -215,6 +233,15 @@ class ModelRegistry:
         if not version or not self.is_complete(project, version):
             return None
         return version
+
+    def model_version(self, project: int | str, version: str) -> str:
+        """The ``model_version`` string of a version (:func:`sim_model_version`, ``+refine`` included)."""
+        return sim_model_version(version, serves_refined(self.version_dir(project, version)))
+
+    def clear_current(self, project: int | str) -> None:
+        """Atomically serve no version: the cold-start engine serves ``project`` again."""
+        if (self.project_dir(project) / CURRENT_FILE).exists():
+            atomic_write_text(self.project_dir(project) / CURRENT_FILE, "")
 
     def is_complete(self, project: int | str, version: str) -> bool:
         """Whether ``version`` exists under its final name with every file of ``REQUIRED_FILES``."""
@@ -370,8 +397,9 @@ class ModelRegistry:
         Args:
             version: a complete version of ``project``.
             metrics: the new version's metrics: ``{"val": {"mIoU": float, "n_masks": int, ...},
-                "baseline": {"version": str | None, "mIoU": float, ...}}`` where ``baseline`` is the
-                engine served before the retrain measured on the same validation masks (optional).
+                "baseline": {"version": str | None, "mIoU": float, ...}, "grabcut": {"mIoU": ...}}`` where
+                ``baseline`` is the engine served before the retrain and ``grabcut`` the cold-start
+                engine, measured on the same validation masks (both optional).
             tolerance: largest allowed drop of the gate metric (mIoU, absolute, in [0, 1]).
 
         Returns:
@@ -415,9 +443,22 @@ class ModelRegistry:
         else:
             ok, reason = False, (f"{version} mIoU {new_value:.4f} is worse than {prev_name} {base_value:.4f} by "
                                  f"{base_value - new_value:.4f} > tolerance {tolerance:g}: kept, not served")
+        grabcut = metrics.get("grabcut") or {}
+        gc_value = _finite(grabcut.get(GATE_METRIC)) if grabcut.get("n_masks", 1) else None
+        cold_start = False
+        if gc_value is not None and new_value is not None:
+            # GrabCut is always at hand: a model serves only if it is at least as good (within the tolerance)
+            if ok and new_value < gc_value - tolerance:
+                ok, reason = False, (f"{version} mIoU {new_value:.4f} loses to GrabCut {gc_value:.4f} on the same "
+                                     f"validation masks by more than the tolerance {tolerance:g}: kept, not served")
+            if not ok and previous is not None and base_value is not None and base_value < gc_value - tolerance:
+                cold_start = True
+                reason += f"; GrabCut also beats the served {previous} ({base_value:.4f}): GrabCut serves again"
         if ok:
             self.set_current(project, version)
-        decision = PublishDecision(ok, version, previous, reason, new_value, base_value, tolerance)
+        elif cold_start:
+            self.clear_current(project)
+        decision = PublishDecision(ok, version, previous, reason, new_value, base_value, tolerance, cold_start)
         stored = dict(self.read_metrics(project, version) or metrics)
         stored["publish"] = decision.as_dict()
         self.write_metrics(project, version, stored)

@@ -37,7 +37,7 @@ from sim_backend.label_studio import (LabelStudioConnection, LabelStudioError, L
 from sim_backend.settings import Settings
 from sim_backend.tasks import Region, latest_annotation, parse_regions, task_image_url
 from sim_model.registry import ModelRegistry
-from training.coco import coco_dict, write_coco
+from training.coco import coco_dict, held_out, write_coco
 from training.image_cache import ImageCache
 
 #: Default image cache root, relative to the model directory: ``<model dir>/.cache/<project>/images``.
@@ -115,23 +115,53 @@ class ProjectExport:
                 f"items), {self.n_boxes} training boxes, {self.n_masks} validation masks, {len(self.labels)} "
                 f"classes; images: {self.downloaded} downloaded, {self.reused} cached")
 
-    def coco_train(self) -> dict:
-        """COCO instances dict of the training boxes (no segmentation), over the tasks that have boxes."""
-        return coco_dict(self.project, self.labels, self.tasks, lambda r: r.train, with_masks=False)
+    def validation_masks(self, fraction: float) -> set[tuple[int, str]]:
+        """(task id, region id) of the masks held out for validation (:func:`training.coco.held_out`);
+        when the project has masks but the hash holds none out and ``fraction`` > 0, the first mask is
+        (the gate needs one), the others teach."""
+        masks = [(t.task_id, r.region_id) for t in self.tasks for r in t.masks]
+        out = {m for m in masks if held_out(*m, fraction)}
+        if masks and not out and fraction > 0:
+            out.add(masks[0])
+        return out
 
-    def coco_val(self) -> dict:
-        """COCO instances dict of the validation masks (RLE segmentation, bbox = tight box of the mask)."""
-        return coco_dict(self.project, self.labels, self.tasks, lambda r: r.mask is not None, with_masks=True)
+    def coco_train(self, val_fraction: float = 1.0) -> dict:
+        """COCO instances dict of the training boxes, over the tasks that have boxes; the masks not held
+        out (:meth:`validation_masks`) supervise the instance they outline (``segmentation`` +
+        ``mask_supervised``). ``val_fraction`` 1: boxes only."""
+        held = self.validation_masks(val_fraction)
 
-    def write_coco(self, out_dir: str | os.PathLike) -> tuple[Path, Path | None]:
-        """Write ``train.json`` and, when there are validation masks, ``val.json`` into ``out_dir``.
+        def supervision(task: ExportedTask, region: Region):
+            for m in task.masks:
+                if (task.task_id, m.region_id) in held:
+                    continue
+                if m.region_id == region.region_id or m.outlines == region.region_id:
+                    return m.mask
+            return None
+
+        return coco_dict(self.project, self.labels, self.tasks, lambda r: r.train, with_masks=False,
+                         supervision=supervision)
+
+    def coco_val(self, val_fraction: float = 1.0) -> dict:
+        """COCO instances dict of the held-out masks (RLE segmentation, bbox = tight box of the mask)."""
+        held = self.validation_masks(val_fraction)
+        kept = [replace(t, regions=[r for r in t.regions if (t.task_id, r.region_id) in held]) for t in self.tasks]
+        return coco_dict(self.project, self.labels, kept, lambda r: r.mask is not None, with_masks=True)
+
+    def write_coco(self, out_dir: str | os.PathLike, val_fraction: float = 1.0) -> tuple[Path, Path | None]:
+        """Write ``train.json`` and, when masks are held out, ``val.json`` into ``out_dir``.
+
+        Args:
+            out_dir: the folder.
+            val_fraction: share of the annotators' masks that validate (:meth:`validation_masks`); the
+                others supervise training. 1 (default): all validate, training sees boxes only.
 
         Returns:
             (train json path, val json path or None).
         """
         out = Path(out_dir)
-        train = write_coco(out / "train.json", self.coco_train())
-        val = write_coco(out / "val.json", self.coco_val()) if self.n_masks else None
+        train = write_coco(out / "train.json", self.coco_train(val_fraction))
+        val = write_coco(out / "val.json", self.coco_val(val_fraction)) if self.n_masks else None
         return train, val
 
 

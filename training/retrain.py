@@ -3,7 +3,7 @@
 Usage::
 
     python -m training.retrain --project 12 [--url http://localhost:8080 --api-key TOKEN]
-        [--model-dir models] [--config configs/SIM_EffLite0_FPN_cpu.yaml] [--max-iter 2000]
+        [--model-dir models] [--config configs/SIM_close_EffLite0_FPN_cpu.yaml] [--max-iter 2000]
         [--tolerance 0.02] [--dry-run] [--cache-dir DIR] [--timeout 30] [KEY VALUE ...]
 
 URL and key default to the environment (``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``), the model
@@ -17,17 +17,24 @@ own progress):
    handed over by the backend's webhook (``--lock-fd``, ``--slot-fd``);
 2. export — tasks, latest annotations and images (incremental cache) (:mod:`training.ls_export`); the
    class map is extended (stable ids);
-3. dataset — COCO json: ``train.json`` (boxes only), ``val.json`` (annotator polygons as masks);
-   ``--dry-run`` stops here and prints the figures;
+3. dataset — COCO json: ``train.json`` (boxes; the annotators' masks that are not held out supervise
+   their instance), ``val.json`` (the held-out share ``RETRAIN.VAL_MASK_FRACTION`` of the annotators'
+   masks, always the same ones: :func:`training.coco.held_out`); ``--dry-run`` stops here and prints
+   the figures;
 4. train — the full SIM pipeline (:func:`training.train.train`), continued from the current version's
    checkpoint (iteration, optimizer, teacher, prototypes: warm-ups are not restarted), or from the base
-   weights of the config on the first run; ``--max-iter`` more iterations. When the class map has grown
-   since the current version, only its weights are loaded, the class rows grown
-   (:func:`sim_model.checkpoint.grow_class_rows`), and the schedule restarts;
-5. evaluate — box→mask mIoU and AP on the annotator polygons, for the new version and for the engine
-   served now, on the same masks (:func:`training.publish.validate_against_served`);
+   weights of the config on the first run. Iterations: :func:`retrain_schedule` from the number of
+   annotated images (``RETRAIN.EPOCHS``, ``MIN_ITER``, ``MAX_ITER``; ``--max-iter`` overrides), the LR
+   dropping at ``RETRAIN.LR_STEPS`` of them. When the class map has grown since the current version,
+   only its weights are loaded, the class rows grown (:func:`sim_model.checkpoint.grow_class_rows`),
+   and the schedule restarts;
+5. evaluate — box→mask mIoU and AP on the held-out masks, for the new version's map and its map refined
+   by GrabCut, for GrabCut and for the engine served now, on the same masks
+   (:func:`training.publish.validate_against_served`);
 6. publish — write the version (:func:`training.publish.write_version`) and switch ``CURRENT`` if the
-   quality gate passes (:meth:`sim_model.registry.ModelRegistry.publish`, ``--tolerance``);
+   quality gate passes (:meth:`sim_model.registry.ModelRegistry.publish`, ``--tolerance``): the best of
+   the new version (served as its better variant, ``model_version`` e.g. ``sim-v0004+refine``), the
+   served engine and GrabCut serves;
 7. scores — S_k of every box of the project with the new version into ``scores.sqlite``
    (:func:`training.scores.compute_scores`).
 
@@ -52,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
 import shutil
 import sys
@@ -88,9 +96,36 @@ EXIT_TRAIN_FAILED = 6
 EXIT_SCORES_FAILED = 7
 EXIT_NOT_PUBLISHED = 10
 
-DEFAULT_CONFIG = "configs/SIM_EffLite0_FPN_cpu.yaml"
+DEFAULT_CONFIG = "configs/SIM_close_EffLite0_FPN_cpu.yaml"
 DEFAULT_TOLERANCE = 0.02
 STEPS = 7
+
+
+def retrain_schedule(cfg: CfgNode, n_images: int, start_iter: int = 0,
+                     iterations: int | None = None) -> tuple[int, tuple[int, ...]]:
+    """How long one retrain trains: ``RETRAIN.EPOCHS`` passes over the annotated images at
+    ``SOLVER.IMS_PER_BATCH`` images per step, clamped to [``RETRAIN.MIN_ITER``, ``RETRAIN.MAX_ITER``].
+
+    Args:
+        cfg: the run's config.
+        n_images: annotated images with at least one box.
+        start_iter: the iteration the run continues from (0 for a new schedule).
+        iterations: this many iterations instead (``--max-iter``).
+
+    Returns:
+        (``SOLVER.MAX_ITER``, ``SOLVER.STEPS``): absolute iterations; the LR drops at the fractions
+        ``RETRAIN.LR_STEPS`` of this retrain's iterations.
+
+    Raises:
+        ValueError: ``n_images`` < 0, or MIN_ITER > MAX_ITER.
+    """
+    r = cfg.RETRAIN
+    if n_images < 0 or r.MIN_ITER > r.MAX_ITER:
+        raise ValueError(f"need n_images >= 0 and RETRAIN.MIN_ITER <= MAX_ITER, got {n_images}, "
+                         f"{r.MIN_ITER}, {r.MAX_ITER}")
+    n = int(math.ceil(float(r.EPOCHS) * n_images / max(int(cfg.SOLVER.IMS_PER_BATCH), 1)))
+    n = min(max(n, int(r.MIN_ITER)), int(r.MAX_ITER)) if iterations is None else int(iterations)
+    return start_iter + n, tuple(start_iter + max(1, int(round(f * n))) for f in r.LR_STEPS)
 
 
 class RetrainFailed(RuntimeError):
@@ -149,7 +184,7 @@ class RetrainJob:
         url, api_key: Label Studio.
         config: detectron2 YAML for a first version (None: :data:`DEFAULT_CONFIG`; later versions continue
             from the current version's own ``config.yaml``).
-        max_iter: iterations of this retrain (None: the config's ``SOLVER.MAX_ITER``).
+        max_iter: iterations of this retrain (None: :func:`retrain_schedule`).
         tolerance: largest allowed drop of validation mIoU against the served engine.
         dry_run: stop after the dataset.
         cache_dir: image cache root.
@@ -189,15 +224,18 @@ class RetrainJob:
         shutil.rmtree(work, ignore_errors=True)
         try:
             export = self.export()
-            train_json, val_json = export.write_coco(work / "dataset")
-            say(3, f"dataset: {train_json} ({export.n_boxes} boxes)"
-                + (f", {val_json} ({export.n_masks} validation masks)" if val_json else ", no validation masks"))
+            fraction = float(build_config(str(self._config_file(export))).RETRAIN.VAL_MASK_FRACTION)
+            train_json, val_json = export.write_coco(work / "dataset", fraction)
+            n_val = len(export.validation_masks(fraction))
+            say(3, f"dataset: {train_json} ({export.n_boxes} boxes, {export.n_masks - n_val} annotator masks "
+                   f"supervising)" + (f", {val_json} ({n_val} held-out validation masks)" if val_json
+                                      else ", no validation masks"))
             if self.dry_run:
                 say(3, "dry run: stopping before training")
                 say(None, f"done in {time.time() - t_start:.0f} s: dry run; exit {EXIT_OK}")
                 return EXIT_OK
             trained = self.train(export, train_json, work)
-            version, published = self.publish(export, trained, val_json, work / "train_log.txt")
+            version, published = self.publish(export, trained, val_json, work / "train_log.txt", n_val)
         except RetrainFailed as e:
             print(f"[retrain] FAILED (exit {e.code}): {e}", file=sys.stderr, flush=True)
             return e.code
@@ -236,20 +274,30 @@ class RetrainJob:
             raise RetrainFailed(EXIT_TRAIN_FAILED, f"training failed: {e.__class__.__name__}: {e}; "
                                                    f"{self.served_name} keeps serving") from e
 
+    def _config_file(self, export: ls_export.ProjectExport) -> Path:
+        """The config this retrain starts from: ``--config``, else the served version's own config (when the
+        project's class map still extends its classes), else :data:`DEFAULT_CONFIG`."""
+        default = self.config or REPO_ROOT / DEFAULT_CONFIG
+        served = self.registry.current_version(self.project)
+        if served is None:
+            return default
+        vdir = self.registry.version_dir(self.project, served)
+        parent_classes = read_classes(vdir / CLASSES_FILE)
+        if export.labels[: len(parent_classes)] != parent_classes:
+            return default
+        return self.config or vdir / CONFIG_FILE
+
     def _train(self, export: ls_export.ProjectExport, train_json: Path, out_dir: Path) -> Trained:
         """Configure the run (first version, continuation, or grown classes) and train it."""
         opts = ["DATASETS.TEST", "()", "OUTPUT_DIR", str(out_dir)]
-        default_config = self.config or REPO_ROOT / DEFAULT_CONFIG
         served = self.registry.current_version(self.project)
         resume, grown_from, parent_classes, start_iter = False, None, [], 0
-        config_file = default_config
+        config_file = self._config_file(export)
         if served is not None:
             vdir = self.registry.version_dir(self.project, served)
-            config_file = self.config or vdir / CONFIG_FILE
             parent_classes = read_classes(vdir / CLASSES_FILE)
             if export.labels[: len(parent_classes)] != parent_classes:
                 # the project's class map no longer extends the parent's (edited by hand?): ids would not match
-                config_file = default_config
                 say(4, f"the class map does not extend {served}'s classes: starting again from {config_file}")
             elif parent_classes == export.labels:
                 # same classes: continue the run (iteration, optimizer, scheduler, teacher, prototypes, memory bank)
@@ -278,10 +326,11 @@ class RetrainJob:
                    f"{len(export.labels)} classes" + (f"; {len(report.fresh)} tensors freshly initialised"
                                                       if report.fresh else ""))
             cfg.MODEL.WEIGHTS = str(out_dir / "model_parent_grown.pth")
-        cfg.SOLVER.MAX_ITER = start_iter + (self.max_iter if self.max_iter is not None else int(cfg.SOLVER.MAX_ITER))
+        n_images = sum(1 for t in export.tasks if t.boxes)
+        cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = retrain_schedule(cfg, n_images, start_iter, self.max_iter)
         cfg.freeze()
-        say(4, f"training iterations {start_iter}..{cfg.SOLVER.MAX_ITER} on {export.n_boxes} boxes "
-               f"({len(export.labels)} classes, {cfg.MODEL.DEVICE})")
+        say(4, f"training iterations {start_iter}..{cfg.SOLVER.MAX_ITER} (LR steps {list(cfg.SOLVER.STEPS)}) on "
+               f"{export.n_boxes} boxes of {n_images} images ({len(export.labels)} classes, {cfg.MODEL.DEVICE})")
         result = train(cfg, resume=resume)
         final = Path(result.get("final_checkpoint") or out_dir / "model_final.pth")
         if not final.is_file() and (out_dir / "last_checkpoint").is_file():
@@ -291,12 +340,13 @@ class RetrainJob:
         return Trained(cfg, result, final)
 
     def publish(self, export: ls_export.ProjectExport, trained: Trained, val_json: Path | None,
-                train_log: Path) -> tuple[str, bool]:
+                train_log: Path, n_val_masks: int) -> tuple[str, bool]:
         """Steps 5–6: write and validate the version, then the gate; returns (version, published)."""
         served = self.registry.current_version(self.project)
         metrics = {"project": self.project, "parent": served, "train": jsonable(trained.result),
-                   "data": {"tasks": len(export.tasks), "boxes": export.n_boxes, "val_masks": export.n_masks,
-                            "classes": len(export.labels), "skipped": len(export.skipped)}}
+                   "data": {"tasks": len(export.tasks), "boxes": export.n_boxes, "val_masks": n_val_masks,
+                            "train_masks": export.n_masks - n_val_masks, "classes": len(export.labels),
+                            "skipped": len(export.skipped)}}
         if val_json is None:
             say(5, "no annotator polygons: nothing to evaluate (see the publishing rule in sim_model.registry)")
         validate = None if val_json is None else (
@@ -343,7 +393,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help=f"detectron2 YAML for the first version (default {DEFAULT_CONFIG}); "
                                                   "later versions continue from the current version's config")
     p.add_argument("--max-iter", type=int, default=None,
-                   help="training iterations of this retrain (default: the config's SOLVER.MAX_ITER)")
+                   help="training iterations of this retrain (default: RETRAIN.EPOCHS over the annotated "
+                        "images, within RETRAIN.MIN_ITER..MAX_ITER)")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help=f"largest allowed drop of validation mIoU vs the served engine (default {DEFAULT_TOLERANCE})")
     p.add_argument("--dry-run", action="store_true", help="export and build the dataset, then stop")

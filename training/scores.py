@@ -34,7 +34,7 @@ from sim_backend.settings import Settings
 from sim_backend.tasks import parse_project_id
 from sim_model.box_to_mask import BoxToMask
 from sim_model.engines import version_engine
-from sim_model.registry import ModelRegistry, sim_model_version
+from sim_model.registry import ModelRegistry
 from training.ls_export import DEFAULT_CACHE_SUBDIR, ProjectExport, export_project
 from training.predictions import predict_task, push_predictions
 from training.score_report import format_worst, write_csv, write_histogram
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             connection = LabelStudioConnection(url, key)
             export = export_project(args.project, connection, cache, registry, settings)
             engine = version_engine(registry.version_dir(args.project, version))
-            push_predictions(engine, export, sim_model_version(version), connection.client(), db, version, settings)
+            push_predictions(engine, export, engine.model_version, connection.client(), db, version, settings)
         except LabelStudioError as e:
             print(f"error: {e}", file=sys.stderr)
             return 4

@@ -15,7 +15,7 @@ from typing import Callable
 
 from sim_model.box_to_mask import BoxToMask
 from sim_model.engines.grabcut import GrabCutBoxToMask
-from sim_model.registry import ModelRegistry, ModelVersionError, sim_model_version
+from sim_model.registry import ModelRegistry, ModelVersionError, serves_refined, sim_model_version
 
 
 def cold_start_engine() -> BoxToMask:
@@ -23,7 +23,8 @@ def cold_start_engine() -> BoxToMask:
     return GrabCutBoxToMask()
 
 
-def version_engine(version_dir: str | os.PathLike, device: str = "cpu", version: str | None = None) -> BoxToMask:
+def version_engine(version_dir: str | os.PathLike, device: str = "cpu", version: str | None = None,
+                   refine: bool | None = None) -> BoxToMask:
     """The SIM engine of one registry version directory.
 
     Args:
@@ -31,6 +32,8 @@ def version_engine(version_dir: str | os.PathLike, device: str = "cpu", version:
         device: torch device.
         version: the version's name when the directory does not bear it yet (a version being written);
             default the directory's name. The engine reports :func:`sim_model.registry.sim_model_version` of it.
+        refine: serve the map refined by GrabCut; None = what the version's gate chose
+            (:func:`sim_model.registry.serves_refined`).
 
     Raises:
         sim_model.registry.ModelVersionError: the version cannot be loaded.
@@ -38,8 +41,9 @@ def version_engine(version_dir: str | os.PathLike, device: str = "cpu", version:
     # torch and detectron2 load only when a trained version is served (a cold-start backend starts fast)
     from sim_model.engines.sim import SIMBoxToMask
 
-    engine = SIMBoxToMask.from_version_dir(version_dir, device=device)
-    engine.model_version = sim_model_version(version or os.path.basename(os.path.normpath(version_dir)))
+    refine = serves_refined(version_dir) if refine is None else bool(refine)
+    engine = SIMBoxToMask.from_version_dir(version_dir, device=device, refine=refine)
+    engine.model_version = sim_model_version(version or os.path.basename(os.path.normpath(version_dir)), refine)
     return engine
 
 

@@ -20,6 +20,11 @@ Per box:
 
 The defaults are the fastest setting of the options sweep in docs/benchmarks.md ("GrabCut options").
 
+:meth:`GrabCutBoxToMask.refine` runs the same GrabCut initialised from a learned probability map inside
+the box instead of the rectangle (the SIM engine's refinement, ``TEST.REFINE.*``): certain foreground
+where the map is at or above ``thresh_high``, probable foreground from 0.5, probable background from
+``thresh_low``, certain background below it and outside the box.
+
 Score (mask confidence in [0, 1]): BoxInst's tightness prior — the mask of an object in a tight box
 touches all four sides, so its projections onto x and y span the box. The score is the fraction of the
 box's columns that the mask covers times the fraction of its rows, multiplied by
@@ -129,8 +134,43 @@ class GrabCutBoxToMask(BoxToMask):
             score *= self.fallback_score_factor
         return prob.astype(np.float32), score
 
-    def _grabcut_crop(self, image: np.ndarray, box: np.ndarray) -> np.ndarray | None:
-        """GrabCut on the rescaled crop around ``box``.
+    def refine(self, image: np.ndarray, box: np.ndarray, prior: np.ndarray, thresh_low: float,
+               thresh_high: float) -> np.ndarray | None:
+        """GrabCut initialised from a probability map over the box (module docstring).
+
+        Args:
+            image: (H, W, 3) uint8 RGB.
+            box: (4,) float XYXY in pixels, clipped to the image.
+            prior: (r1 - r0, c1 - c0) float probabilities in [0, 1] over the box's pixel bounds
+                (:func:`box_pixel_bounds`), e.g. the SIM map M̂_prob.
+            thresh_low, thresh_high: below ``thresh_low`` certain background, at or above ``thresh_high``
+                certain foreground (``TEST.REFINE.THRESH_LOW`` / ``THRESH_HIGH``).
+
+        Returns:
+            the refined (r1 - r0, c1 - c0) float32 mask in [0, 1], or None when GrabCut degenerates (no
+            foreground seed, a single-colour crop, or foreground under ``min_fill`` of the prior's):
+            then keep the prior.
+
+        Raises:
+            ValueError: ``prior`` does not match the box's pixel bounds, or thresh_low > 0.5 > thresh_high.
+        """
+        c0, r0, c1, r1 = box_pixel_bounds(box, image.shape[:2])
+        if prior.shape != (r1 - r0, c1 - c0):
+            raise ValueError(f"prior is {prior.shape}, the box covers {(r1 - r0, c1 - c0)} pixels")
+        if not thresh_low <= 0.5 <= thresh_high:
+            raise ValueError(f"need thresh_low <= 0.5 <= thresh_high, got {thresh_low}, {thresh_high}")
+        out = self._grabcut_crop(image, box, prior=(np.asarray(prior, np.float32), thresh_low, thresh_high))
+        if out is None:
+            return None
+        prior_fg = int((prior >= self.mask_threshold).sum())
+        if (out >= self.mask_threshold).sum() < self.min_fill * max(prior_fg, 1):
+            return None
+        return out.astype(np.float32)
+
+    def _grabcut_crop(self, image: np.ndarray, box: np.ndarray,
+                      prior: tuple[np.ndarray, float, float] | None = None) -> np.ndarray | None:
+        """GrabCut on the rescaled crop around ``box``, initialised from the rectangle (``init``) or from
+        ``prior`` = (map over the box's pixel bounds, thresh_low, thresh_high).
 
         Returns:
             (r1 - r0, c1 - c0) float32 foreground probabilities over the box's pixel bounds
@@ -156,7 +196,12 @@ class GrabCutBoxToMask(BoxToMask):
         wb = box_pixel_bounds(np.array(bx), (sh, sw))
         gc = np.full((sh, sw), cv2.GC_BGD, np.uint8)
         in_box = gc[wb[1]:wb[3], wb[0]:wb[2]]  # a view: writes go to gc
-        if self.init == "rect":
+        if prior is not None:
+            p, lo, hi = prior
+            p = cv2.resize(p, (wb[2] - wb[0], wb[3] - wb[1]), interpolation=cv2.INTER_LINEAR)
+            in_box[:] = np.where(p >= hi, cv2.GC_FGD, np.where(p >= 0.5, cv2.GC_PR_FGD, np.where(
+                p >= lo, cv2.GC_PR_BGD, cv2.GC_BGD))).astype(np.uint8)
+        elif self.init == "rect":
             in_box[:] = cv2.GC_PR_FGD
             if self.core_scale > 0:
                 in_box[ellipse_mask((sh, sw), np.array(bx), self.core_scale)] = cv2.GC_FGD

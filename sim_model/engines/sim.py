@@ -10,17 +10,29 @@ with the same function (:func:`sim_model.sim.pseudo_masks.sim_pseudo_masks`, SIM
    (the box-local mask of :class:`sim_model.box_to_mask.BoxMasks`);
 4. the score is S_k, the mean of M̂_prob where M̂_prob ≥ τ_high (Eq. 8, 11).
 
+Where the network looks:
+
+- **close look** (``INPUT.BOX_CROP.ENABLED``, the model trained on box-centred crops): the network runs
+  on the window around each box (:func:`sim_model.boxes.context_window` with
+  ``INPUT.BOX_CROP.CONTEXT_TEST``) resized to ``INPUT.BOX_CROP.MIN_SIZE_TEST`` — every box gets about
+  the same number of mask cells, whatever its size in the image;
+- otherwise the whole image at ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``: one network pass per image,
+  each further box costs one dynamic mask head.
+
+The network's outputs of the last few views (keyed by their content) are kept, so a box asked again —
+or, without the close look, any box drawn later on the same image — skips the network pass.
+
+**Refinement** (``refine``, ``TEST.REFINE.*``): M̂_prob seeds GrabCut inside the box
+(:meth:`sim_model.engines.grabcut.GrabCutBoxToMask.refine`); the colour model sharpens the learned
+prior. A degenerate GrabCut keeps M̂_prob. S_k stays the map's.
+
 A label that the model has never seen (absent from ``classes.json``, or a class whose prototypes were
-never updated, or a model trained without SIM) uses M_I alone. The network runs once per image
-(:func:`sim_model.modeling.box_queries.image_features`); each further box costs one dynamic mask head
-on the mask grid. The features of the last few images are kept (keyed by the image's content), so a box
-drawn later on the same image — the interactive Label Studio case, one /predict per new box — skips
-the network pass.
+never updated, or a model trained without SIM) uses M_I alone.
 
 The hyperparameters come from the version's ``config.yaml``: ``MODEL.SIM.INSTANCE_MAP_MU`` (µ),
 ``MODEL.SIM.RECTIFY_ALPHA`` (α), ``MODEL.SIM.PROTOTYPES.TEMPERATURE`` (τ),
-``MODEL.SIM.THRESH_LOW`` / ``MODEL.SIM.THRESH_HIGH`` (τ_low / τ_high), and the test-time resize
-``INPUT.MIN_SIZE_TEST`` / ``INPUT.MAX_SIZE_TEST``; the constructor's keyword arguments override them.
+``MODEL.SIM.THRESH_LOW`` / ``MODEL.SIM.THRESH_HIGH`` (τ_low / τ_high), the resize keys above and
+``TEST.REFINE.*``; the constructor's keyword arguments override them.
 """
 from __future__ import annotations
 
@@ -37,8 +49,9 @@ import torch.nn.functional as F
 from detectron2.data import transforms as T
 
 from sim_model.box_to_mask import BoxToMask
-from sim_model.boxes import box_pixel_bounds
+from sim_model.boxes import box_pixel_bounds, context_window
 from sim_model.checkpoint import load_version_model
+from sim_model.engines.grabcut import GrabCutBoxToMask
 from sim_model.modeling.box_queries import ImageFeatures, image_features, positive_masks
 from sim_model.registry import ModelVersionError, sim_model_version
 from sim_model.sim.pseudo_masks import sim_pseudo_masks
@@ -54,7 +67,9 @@ class SIMBoxToMask(BoxToMask):
         model_version: the string reported to Label Studio, e.g. ``"sim-v0003"``.
         mu, alpha, tau, tau_low, tau_high: override ``MODEL.SIM.INSTANCE_MAP_MU``, ``RECTIFY_ALPHA``,
             ``PROTOTYPES.TEMPERATURE``, ``THRESH_LOW``, ``THRESH_HIGH``.
-        feature_cache_size: how many images' network outputs to keep for later boxes (0 = none).
+        close_look: override ``INPUT.BOX_CROP.ENABLED`` (run the network on a window around each box).
+        refine: override ``TEST.REFINE.ENABLED`` (GrabCut seeded from the map).
+        feature_cache_size: how many views' network outputs to keep for later boxes (0 = none).
 
     Raises:
         ModelVersionError: more class names than the model has classes.
@@ -62,7 +77,8 @@ class SIMBoxToMask(BoxToMask):
 
     def __init__(self, model, cfg, class_names: Sequence[str], model_version: str, *, mu: float | None = None,
                  alpha: float | None = None, tau: float | None = None, tau_low: float | None = None,
-                 tau_high: float | None = None, feature_cache_size: int = 4):
+                 tau_high: float | None = None, close_look: bool | None = None, refine: bool | None = None,
+                 feature_cache_size: int = 4):
         s = cfg.MODEL.SIM
         num_classes = cfg.MODEL.FCOS.NUM_CLASSES
         if len(class_names) > num_classes:
@@ -79,6 +95,14 @@ class SIMBoxToMask(BoxToMask):
         self.tau_high = float(s.THRESH_HIGH if tau_high is None else tau_high)
         self.input_format = cfg.INPUT.FORMAT
         self.resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
+        bc = cfg.INPUT.BOX_CROP
+        self.close_look = bool(bc.ENABLED if close_look is None else close_look)
+        self.context = float(bc.CONTEXT_TEST)
+        self.crop_resize = T.ResizeShortestEdge([bc.MIN_SIZE_TEST, bc.MIN_SIZE_TEST], bc.MAX_SIZE_TEST)
+        r = cfg.TEST.REFINE
+        self.refine = bool(r.ENABLED if refine is None else refine)
+        self.refine_low, self.refine_high = float(r.THRESH_LOW), float(r.THRESH_HIGH)
+        self.refiner = GrabCutBoxToMask(iterations=int(r.ITERATIONS))
         self.feature_cache_size = max(0, int(feature_cache_size))
         self._cache: OrderedDict[tuple, tuple] = OrderedDict()
         self._cache_lock = threading.Lock()
@@ -104,60 +128,74 @@ class SIMBoxToMask(BoxToMask):
 
     # ------------------------------------------------------------------ prediction
     @torch.no_grad()
-    def image_features(self, image: np.ndarray) -> tuple[T.Transform, ImageFeatures]:
-        """The network pass on one image at the test resolution, cached by image content.
+    def image_features(self, view: np.ndarray, close: bool = False) -> tuple[T.Transform, ImageFeatures]:
+        """The network pass on one view (an image, or the window of a close look), cached by content.
 
         Args:
-            image: (H, W, 3) uint8 RGB.
+            view: (h, w, 3) uint8 RGB.
+            close: resize as a close look (``INPUT.BOX_CROP.MIN/MAX_SIZE_TEST``) instead of a whole image
+                (``INPUT.MIN/MAX_SIZE_TEST``).
 
         Returns:
-            (transform, features): the detectron2 resize transform applied to the image (maps boxes
-            with ``apply_box``) and the model's :class:`~sim_model.modeling.box_queries.ImageFeatures`.
+            (transform, features): the detectron2 resize transform applied to the view (maps boxes with
+            ``apply_box``) and the model's :class:`~sim_model.modeling.box_queries.ImageFeatures`.
         """
+        return self._view(view, close)[:2]
+
+    def _view(self, view: np.ndarray, close: bool) -> tuple[T.Transform, ImageFeatures, torch.Tensor]:
+        """:meth:`image_features` plus Z L2-normalised along its channels ((D, Hm, Wm) float)."""
         key = None
         if self.feature_cache_size:
-            key = (image.shape, hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).hexdigest())
+            view = np.ascontiguousarray(view)
+            key = (close, view.shape, hashlib.blake2b(view.data, digest_size=16).hexdigest())
             with self._cache_lock:
                 hit = self._cache.get(key)
                 if hit is not None:
                     self._cache.move_to_end(key)
                     return hit
-        tf = self.resize.get_transform(image)
-        resized = tf.apply_image(image)
+        tf = (self.crop_resize if close else self.resize).get_transform(view)
+        resized = tf.apply_image(view)
         if self.input_format == "BGR":
             resized = resized[:, :, ::-1]
         tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype(np.float32))
         feats = image_features(self.model, tensor)
+        entry = (tf, feats, F.normalize(feats.mask_features.float(), dim=0))
         if key is not None:
             with self._cache_lock:
-                self._cache[key] = (tf, feats)
+                self._cache[key] = entry
                 while len(self._cache) > self.feature_cache_size:
                     self._cache.popitem(last=False)
-        return tf, feats
+        return entry
 
     @torch.no_grad()
     def _predict(self, image: np.ndarray, boxes: np.ndarray, labels: list[str]) -> tuple[list[np.ndarray], np.ndarray]:
-        """M̂_prob of each box over its pixel bounds and S_k (module docstring).
+        """M̂_prob of each box over its pixel bounds (refined when ``refine``) and S_k (module docstring).
 
         Returns:
-            crops: N float32 M̂_prob in [0, 1] over each box's pixel bounds; scores: (N,) float32 S_k.
+            crops: N float32 masks in [0, 1] over each box's pixel bounds; scores: (N,) float32 S_k.
         """
         hw = image.shape[:2]
-        tf, feats = self.image_features(image)
-        rboxes = torch.as_tensor(tf.apply_box(boxes.astype(np.float32)), dtype=torch.float32)
-        z = F.normalize(feats.mask_features.float(), dim=0)
         prototypes = getattr(self.model, "prototypes", None)
         crops, scores = [], np.zeros(len(boxes), np.float32)
-        for k, (box, rbox) in enumerate(zip(boxes, rboxes)):
-            bounds = box_pixel_bounds(box, hw)
+        for k, box in enumerate(boxes):
+            c0, r0, c1, r1 = box_pixel_bounds(box, hw)
+            x0, y0, x1, y1 = context_window(box, hw, self.context) if self.close_look else (0, 0, hw[1], hw[0])
+            tf, feats, z = self._view(image[y0:y1, x0:x1], self.close_look)
+            local_box = (np.asarray(box, np.float32) - np.array([x0, y0, x0, y0], np.float32))[None]
+            rbox = torch.as_tensor(tf.apply_box(local_box)[0], dtype=torch.float32)
             pred_boxes, logits = positive_masks(feats, rbox)
             class_id = torch.tensor([self.class_ids.get(labels[k], -1)], dtype=torch.long)
+            window = (c0 - x0, r0 - y0, c1 - x0, r1 - y0)
             pm = sim_pseudo_masks(
                 logits.float().sigmoid(), pred_boxes.float(), torch.zeros(len(logits), dtype=torch.long),
                 rbox[None].to(pred_boxes.device), z, class_id, prototypes, mu=self.mu, alpha=self.alpha,
                 tau=self.tau, tau_low=self.tau_low, tau_high=self.tau_high,
-                resample=lambda m, b=bounds: feats.to_image_window(m, hw, b).clamp_(0.0, 1.0))
-            crops.append(pm.prob[0].cpu().numpy().astype(np.float32))
+                resample=lambda m, b=window, v=(y1 - y0, x1 - x0): feats.to_image_window(m, v, b).clamp_(0.0, 1.0))
+            prob = pm.prob[0].cpu().numpy().astype(np.float32)
+            if self.refine:
+                refined = self.refiner.refine(image, box, prob, self.refine_low, self.refine_high)
+                prob = prob if refined is None else refined
+            crops.append(prob)
             scores[k] = float(pm.score[0])
         return crops, scores
 

@@ -369,6 +369,8 @@ class PastedBatch:
         classes: (M_i,) long class ids, same order.
         is_pasted: (M_i,) bool, True for the pasted instances.
         paste_masks: (K_i, H_i, W_i) bool pseudo masks of the pasted instances (the last K_i objects).
+        kept: (N_i,) bool over the image's objects before the pastes: which of them stay (the first
+            M_i − K_i objects, in order).
     """
 
     images: list[torch.Tensor]
@@ -376,6 +378,7 @@ class PastedBatch:
     classes: list[torch.Tensor]
     is_pasted: list[torch.Tensor]
     paste_masks: list[torch.Tensor]
+    kept: list[torch.Tensor]
 
 
 def copy_paste_batch(bank: MemoryBank, images: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor],
@@ -396,7 +399,7 @@ def copy_paste_batch(bank: MemoryBank, images: Sequence[torch.Tensor], boxes: Se
     Returns:
         :class:`PastedBatch`.
     """
-    out = PastedBatch([], [], [], [], [])
+    out = PastedBatch([], [], [], [], [], [])
     for img, b, c in zip(images, boxes, classes):
         h, w = img.shape[1:]
         res = copy_paste(bank, img, box_masks(b, h, w), b, fraction, min_instances, max_instances,
@@ -407,6 +410,7 @@ def copy_paste_batch(bank: MemoryBank, images: Sequence[torch.Tensor], boxes: Se
             out.classes.append(c)
             out.is_pasted.append(torch.zeros(b.shape[0], dtype=torch.bool, device=b.device))
             out.paste_masks.append(torch.zeros((0, h, w), dtype=torch.bool, device=b.device))
+            out.kept.append(torch.ones(b.shape[0], dtype=torch.bool, device=b.device))
             continue
         out.images.append(res.image)
         out.boxes.append(torch.cat([res.target_boxes, res.pasted_boxes.to(b.device)]))
@@ -414,6 +418,7 @@ def copy_paste_batch(bank: MemoryBank, images: Sequence[torch.Tensor], boxes: Se
         out.is_pasted.append(torch.cat([torch.zeros(res.target_boxes.shape[0], dtype=torch.bool),
                                         torch.ones(res.pasted_boxes.shape[0], dtype=torch.bool)]).to(b.device))
         out.paste_masks.append(res.pasted_masks)
+        out.kept.append(res.target_keep.to(b.device))
     return out
 
 

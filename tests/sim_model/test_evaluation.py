@@ -153,3 +153,13 @@ def test_record_results_merges_rows_and_renders_markdown(tmp_path: Path):
     assert "python -m training.evaluate" in text and "train_step_s=1.25" in text and "keep me" in text
     assert "| `grabcut` | 0.712 |" in text and "percent (0–100)" in text
     assert not os.path.exists(str(js) + ".tmp")
+
+
+def test_an_image_with_125_nuclei_counts_every_mask():
+    """COCOeval's default maxDets=100 would cap recall at 100/125 (the dataset README's AP 0.802)."""
+    root = DATA.parent / "stardist-nuclei2d"
+    if not root.exists():
+        pytest.skip(f"stardist-nuclei2d not found at {root}")
+    json_file = root / "annotations" / "instances_stardist2d.json"
+    res = evaluate_box_to_mask(GroundTruthEngine(COCO(str(json_file))), json_file, root, progress=False)
+    assert res["n_boxes"] == 125 and res["AP"] == pytest.approx(100.0, abs=1e-6)

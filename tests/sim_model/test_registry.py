@@ -203,3 +203,35 @@ def test_metrics_are_written_as_plain_json(tmp_path):
                              "dir": tmp_path, "shape": (2, 3)})
     assert reg.read_metrics(2, v) == {"val": {"mIoU": 0.5, "n_masks": 3}, "ious": [0.25, 1.0], "dir": str(tmp_path),
                                       "shape": [2, 3]}
+
+
+def test_the_gate_serves_the_best_of_the_new_version_the_served_one_and_grabcut(tmp_path):
+    reg = ModelRegistry(tmp_path)
+    v1 = _write_version(reg, 5)
+    # first version, measured against GrabCut only: the model must be as good as it
+    d = reg.publish(5, v1, {"val": {"mIoU": 0.65, "n_masks": 6}, "grabcut": {"mIoU": 0.72, "n_masks": 6}}, 0.02)
+    assert not d.published and "loses to GrabCut" in d.reason and reg.current_version(5) is None
+    # within the tolerance of GrabCut: noise on few masks, served
+    v1b = _write_version(reg, 5)
+    assert reg.publish(5, v1b, {"val": {"mIoU": 0.71, "n_masks": 6}, "grabcut": {"mIoU": 0.72, "n_masks": 6}},
+                       0.02).published
+    reg.clear_current(5)
+    v2 = _write_version(reg, 5)
+    d = reg.publish(5, v2, {"val": {"mIoU": 0.80, "n_masks": 6}, "baseline": {"mIoU": 0.72, "n_masks": 6},
+                            "grabcut": {"mIoU": 0.72, "n_masks": 6}}, 0.02)
+    assert d.published and reg.current_version(5) == v2 and not d.cold_start
+    # a newer version within the tolerance of the served one but below GrabCut is not served, and since
+    # GrabCut now also beats the served version (on more masks), GrabCut serves again
+    v3 = _write_version(reg, 5)
+    d = reg.publish(5, v3, {"val": {"mIoU": 0.74, "n_masks": 20}, "baseline": {"mIoU": 0.75, "n_masks": 20},
+                            "grabcut": {"mIoU": 0.80, "n_masks": 20}}, 0.02)
+    assert not d.published and d.cold_start and reg.current_version(5) is None
+    assert reg.read_metrics(5, v3)["publish"]["cold_start"] is True
+
+
+def test_a_version_that_serves_its_refined_map_says_so_in_its_model_version(tmp_path):
+    reg = ModelRegistry(tmp_path)
+    v1 = _write_version(reg, 6, {"engine": {"refine": True}})
+    v2 = _write_version(reg, 6, {"engine": {"refine": False}})
+    v3 = _write_version(reg, 6, {})
+    assert [reg.model_version(6, v) for v in (v1, v2, v3)] == ["sim-v0001+refine", "sim-v0002", "sim-v0003"]

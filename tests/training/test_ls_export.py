@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 
 import numpy as np
+from pycocotools import mask as mask_util
 import pytest
 from detectron2.data.datasets import load_coco_json
 from pycocotools.coco import COCO
@@ -22,6 +23,7 @@ from sim_backend.label_studio import LabelStudioConnection, LabelStudioUnavailab
 from tests.support import (COCO_TRAIN_IMAGES, DATA_ROOTS, coco_config, coco_train, coco_train_labels, make_tasks, poly_item,
                            rect_item)
 from training import ls_export
+from training.coco import MASK_SUPERVISED_KEY, held_out
 
 @pytest.fixture()
 def loader(tmp_path):
@@ -161,3 +163,31 @@ def test_label_studio_down_aborts_the_export(tmp_path):
     with pytest.raises(LabelStudioUnavailable, match="does not answer"):
         ls_export.export_project(9, LabelStudioConnection(url, "k", timeout=2), tmp_path / "cache",
                                  ModelRegistry(tmp_path / "m"))
+
+
+def test_annotators_masks_split_once_into_teaching_and_validating(tmp_path, loader):
+    tasks, truth = make_tasks(n_images=6, polygons_on=3)
+    export, _ = _export(tasks, tmp_path, loader)
+    assert export.n_masks >= 6
+    train_json, val_json = export.write_coco(tmp_path / "ds", 0.5)
+    train, val = json.loads(train_json.read_text()), json.loads(val_json.read_text())
+    supervised = [a for a in train["annotations"] if a.get(MASK_SUPERVISED_KEY)]
+    held = {a["ls_region_id"] for a in val["annotations"]}
+    # every mask is on exactly one side; those that teach supervise the rectangle they outline
+    assert supervised and held and len(supervised) + len(held) == export.n_masks
+    assert len(train["annotations"]) == export.n_boxes  # no instance twice
+    outlines = {r.region_id: r.outlines for t in export.tasks for r in t.masks}
+    teaching = {rid for rid in outlines if rid not in held}
+    assert {a["ls_region_id"] for a in supervised} == {outlines[rid] for rid in teaching}
+    for a in supervised:
+        poly = next(rid for rid in teaching if outlines[rid] == a["ls_region_id"])
+        m = mask_util.decode(a["segmentation"]).astype(bool)
+        gt = coco_train().annToMask(truth[poly]).astype(bool)
+        assert (m & gt).sum() / (m | gt).sum() > 0.9
+    # the split is a property of the masks: the same on the next export, with more tasks too
+    more, _ = _export(make_tasks(n_images=8, polygons_on=4)[0], tmp_path / "again", loader)
+    assert held <= {rid for _, rid in more.validation_masks(0.5)}
+    assert all(held_out(t, rid, 0.5) for t, rid in export.validation_masks(0.5))
+    # all held out: training sees boxes only
+    train_all = export.coco_train(1.0)
+    assert not any(a.get(MASK_SUPERVISED_KEY) or "segmentation" in a for a in train_all["annotations"])

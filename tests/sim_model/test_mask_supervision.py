@@ -1,0 +1,91 @@
+"""Mixed supervision: the masks annotators drew train their own instances (BCE + Dice, loss_mask), the
+other instances stay box-supervised; through copy-paste the masks lose what the pastes cover."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import BitMasks, Boxes, Instances
+from pycocotools import mask as mask_util
+
+from sim_model.condinst import _masks_after_paste, _masks_on_grid
+from sim_model.datasets import shared_data_dir, split_files
+from training.train import build_config
+
+BALLOON = shared_data_dir() / "balloon"
+TRAIN_JSON, TRAIN_IMAGES = split_files(BALLOON, "train")
+
+
+def test_masks_after_paste_keep_rows_of_the_staying_objects_minus_the_pastes():
+    sup = [torch.tensor([True, False, True])]
+    masks = torch.zeros(3, 8, 8, dtype=torch.bool)
+    masks[0, :4] = True
+    masks[2, 4:] = True
+    kept = [torch.tensor([True, False, True])]
+    pasted = torch.zeros(1, 8, 8, dtype=torch.bool)
+    pasted[0, :, :2] = True  # covers the two left columns
+    out_sup, out_masks = _masks_after_paste(sup, [masks], kept, [pasted])
+    assert out_sup[0].tolist() == [True, True, False]  # the two that stay, then the pasted one
+    m = out_masks[0]
+    assert m.shape == (3, 8, 8) and not m[2].any()
+    assert m[0, :4, 2:].all() and not m[0, :, :2].any() and not m[0, 4:].any()
+    assert m[1, 4:, 2:].all() and not m[1, :, :2].any()
+    none_sup, none_masks = _masks_after_paste([torch.tensor([False])], [None], [torch.tensor([True])],
+                                              [torch.zeros(2, 8, 8, dtype=torch.bool)])
+    assert none_sup[0].tolist() == [False, False, False] and none_masks == [None]
+
+
+def test_masks_are_sampled_at_the_mask_grid_centres():
+    m = torch.zeros(1, 8, 12, dtype=torch.bool)
+    m[0, 2, 6] = True  # (row 2, col 6): a grid centre at stride 4 (centres 2, 6, 10)
+    m[0, 0, 0] = True  # not a centre
+    grid = _masks_on_grid([m, None], [1, 2], (2, 3), 4)
+    assert grid.shape == (3, 2, 3) and grid[0, 0, 1] == 1 and grid.sum() == 1
+
+
+@pytest.mark.skipif(not TRAIN_JSON.exists(), reason=f"balloon not found at {BALLOON}")
+def test_the_supervised_instance_learns_its_mask_the_others_add_nothing():
+    torch.manual_seed(0)
+    data = json.loads(TRAIN_JSON.read_text())
+    image_info = data["images"][0]
+    anns = [a for a in data["annotations"] if a["image_id"] == image_info["id"]]
+    from detectron2.data.detection_utils import read_image
+    img = read_image(str(TRAIN_IMAGES / image_info["file_name"]), format="RGB")
+    s = 256 / max(img.shape[:2])
+    h, w = int(img.shape[0] * s), int(img.shape[1] * s)
+    image = torch.nn.functional.interpolate(torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float(), size=(h, w),
+                                            mode="bilinear", align_corners=False)[0].round().clamp(0, 255).byte()
+    boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                          for a in anns], dtype=torch.float32) * s
+    full = [mask_util.decode(mask_util.merge(mask_util.frPyObjects(a["segmentation"], img.shape[0], img.shape[1])))
+            for a in anns]
+    gt = torch.stack([torch.nn.functional.interpolate(torch.from_numpy(m)[None, None].float(), size=(h, w))[0, 0] > 0.5
+                      for m in full])
+    cfg = build_config("configs/SIM_close_EffLite0_FPN_cpu.yaml", [
+        "MODEL.SIM.ENABLED", "False", "SOLVER.IMS_PER_BATCH", "1", "MODEL.DEVICE", "cpu"],
+        train_json=str(TRAIN_JSON), train_images=str(TRAIN_IMAGES))
+    model = build_model(cfg).train()
+
+    def batch(supervised: list[bool]) -> list[dict]:
+        inst = Instances((h, w))
+        inst.gt_boxes = Boxes(boxes)
+        inst.gt_classes = torch.zeros(len(anns), dtype=torch.long)
+        inst.gt_masks = BitMasks(gt & torch.tensor(supervised)[:, None, None])
+        inst.gt_mask_supervised = torch.tensor(supervised)
+        return [{"image": image, "instances": inst}]
+
+    none = model(batch([False] * len(anns)))
+    assert float(none["loss_mask"]) == 0.0
+    one = [True] + [False] * (len(anns) - 1)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(batch(one))["loss_mask"]
+        losses.append(float(loss))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[0] > 0.3 and losses[-1] < 0.7 * losses[0], losses

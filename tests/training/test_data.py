@@ -1,0 +1,90 @@
+"""The training mapper on real data: box-centred crops (the close look's training views) and the masks
+that annotators drew supervising only their own instances."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_util
+
+from sim_model.boxes import box_pixel_bounds, context_window
+from sim_model.datasets import shared_data_dir, split_files
+from training.coco import MASK_SUPERVISED_KEY
+from training.data import BoxOnlyDatasetMapper, register_coco
+from training.train import build_config
+
+BALLOON = shared_data_dir() / "balloon"
+TRAIN_JSON, TRAIN_IMAGES = split_files(BALLOON, "train")
+pytestmark = pytest.mark.skipif(not TRAIN_JSON.exists(), reason=f"balloon not found at {BALLOON}")
+
+
+def _dataset(tmp_path, supervised_ids=()):
+    data = json.loads(TRAIN_JSON.read_text())
+    image = data["images"][0]
+    anns = [dict(a) for a in data["annotations"] if a["image_id"] == image["id"]]
+    for a in anns:
+        if a["id"] in supervised_ids:
+            a[MASK_SUPERVISED_KEY] = True
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(dict(data, images=[image], annotations=anns)))
+    from detectron2.data import DatasetCatalog
+    name = register_coco(f"one_{abs(hash(str(path)))}", str(path), str(TRAIN_IMAGES))
+    return DatasetCatalog.get(name)[0], anns, image
+
+
+def _cfg(*opts):
+    return build_config("configs/SIM_close_EffLite0_FPN_cpu.yaml", ["DATALOADER.NUM_WORKERS", "0", *opts],
+                        train_json=str(TRAIN_JSON), train_images=str(TRAIN_IMAGES))
+
+
+def test_context_window_holds_the_box_and_is_clipped():
+    for box in ([10.2, 20.7, 50.1, 90.0], [0, 0, 5, 5], [600, 400, 640, 480]):
+        x0, y0, x1, y1 = context_window(np.array(box), (480, 640), 1.5)
+        c0, r0, c1, r1 = box_pixel_bounds(np.array(box), (480, 640))
+        assert x0 <= c0 and y0 <= r0 and x1 >= c1 and y1 >= r1
+        assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 480
+    assert context_window(np.array([100, 100, 140, 120]), (480, 640), 2.0) == (80, 90, 160, 130)
+    with pytest.raises(ValueError):
+        context_window(np.array([0, 0, 4, 4]), (10, 10), 0.9)
+
+
+def test_box_crops_are_close_looks_at_one_box(tmp_path):
+    d, anns, image = _dataset(tmp_path)
+    mapper = BoxOnlyDatasetMapper(_cfg(), is_train=True)
+    np.random.seed(0)
+    sizes = set()
+    for _ in range(6):
+        out = mapper(d)
+        h, w = out["image"].shape[1:]
+        sizes.add(min(h, w))
+        boxes = out["instances"].gt_boxes.tensor
+        # one box nearly fills the view: its side over the view's is 1 / context (with jitter and clipping)
+        fill = ((boxes[:, 2] - boxes[:, 0]) / w).max()
+        assert 0.4 < float(fill) <= 1.0
+        assert not out["instances"].has("gt_masks")  # no mask is supervised: boxes only
+        assert not out["instances"].gt_mask_supervised.any()
+    assert sizes <= {160, 192, 224} and min(image["width"], image["height"]) not in sizes
+
+
+def test_only_marked_masks_supervise_and_follow_the_crop(tmp_path):
+    data = json.loads(TRAIN_JSON.read_text())
+    first = data["images"][0]["id"]
+    ids = [a["id"] for a in data["annotations"] if a["image_id"] == first]
+    d, anns, image = _dataset(tmp_path, supervised_ids=ids[:1])
+    mapper = BoxOnlyDatasetMapper(_cfg("INPUT.BOX_CROP.PROB", "0.0", "INPUT.RANDOM_FLIP", "none",
+                                       "INPUT.MIN_SIZE_TRAIN", "(512,)"), is_train=True)
+    out = mapper(d)
+    inst = out["instances"]
+    assert inst.gt_mask_supervised.tolist() == [True] + [False] * (len(ids) - 1)
+    masks = inst.gt_masks.tensor
+    assert masks[1:].sum() == 0 and masks[0].sum() > 0
+    # the supervised mask is the annotation's polygon, resized with the image
+    h, w = out["image"].shape[1:]
+    a = next(a for a in anns if a["id"] == ids[0])
+    rle = mask_util.frPyObjects(a["segmentation"], image["height"], image["width"])
+    full = torch.from_numpy(mask_util.decode(mask_util.merge(rle)).astype(np.float32))
+    resized = torch.nn.functional.interpolate(full[None, None], size=(h, w), mode="nearest")[0, 0] > 0.5
+    inter = (resized & masks[0]).sum().item()
+    assert inter / (resized | masks[0]).sum().item() > 0.95

@@ -1,0 +1,322 @@
+"""Learning curves of the served recipe: box→mask quality against iterations, training images and
+corrected masks, with GrabCut and the filled box as flat references.
+
+Command line::
+
+    python -m training.curve --data ../shared/data/balloon [--config configs/SIM_close_EffLite0_FPN_cpu.yaml]
+        [--iters 1200] [--checkpoints 200,400,800,1200] [--fractions 0.25,0.5] [--masks 10,25,50,100]
+        [--runs full,fractions,masks] [--budget-min 120] [--threads 1] [--key balloon-val]
+        [--work /tmp/curve-balloon] [--no-write] [KEY VALUE ...]
+
+Every run trains the recipe with ``python -m training.train`` in a subprocess (its CPU time is measured
+with ``getrusage``) on the dataset's train split, and evaluates box→mask on its val split
+(:func:`sim_model.evaluation.evaluate_box_to_mask`: mIoU per COCO size, mask AP with COCOeval,
+median ms per box) with two engines built on the checkpoint: the SIM map (``map``) and the map refined
+by GrabCut (``refine``). Runs:
+
+- ``full``: all train images, boxes only; evaluated at each of ``--checkpoints`` (the iteration curve);
+- ``fractions``: the first ``--fractions`` of the train images (a seeded shuffle), boxes only, final
+  checkpoint (the data curve);
+- ``masks``: all images, boxes everywhere and ``--masks`` randomly drawn instances (seeded) also
+  supervised by their ground-truth mask — the annotators' corrections — final checkpoint.
+
+A run whose work folder holds a finished ``train_result.json`` is not trained again (so a curve can be
+built over several sessions); evaluations are cached in ``<work>/<run>/eval-<iteration>.json``.
+
+Rows written under ``--key`` of docs/benchmarks.json (:func:`sim_model.results.record_results`):
+``box`` and ``grabcut`` (references), ``learned`` (the better engine of the full run at the last
+checkpoint whose training fits ``--budget-min`` CPU minutes), ``learned_masks50`` (the same with 50
+corrected masks), and one row per curve point (``learned_<engine>@<it>``, ``learned_<engine>_f<pct>``,
+``learned_<engine>_m<n>``), each with ``train_minutes_cpu``; a PNG per dataset, ``docs/curve-<key>.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from sim_model.datasets import REPO_ROOT, split_files
+from sim_model.results import DOCS_JSON, record_results
+
+#: The rows kept in the docs table for each run (the per-box list is dropped).
+FIGURES = ("mIoU", "mIoU_small", "mIoU_medium", "mIoU_large", "AP", "AP50", "AP75", "ms_per_box", "ms_per_image",
+           "n_boxes", "n_small", "n_medium", "n_large")
+ENGINES = ("map", "refine")
+DEFAULT_CONFIG = "configs/SIM_close_EffLite0_FPN_cpu.yaml"
+
+
+@dataclass
+class Split:
+    """A dataset split: COCO json and image folder."""
+
+    name: str
+    json: Path
+    images: Path
+
+
+def dataset_splits(data: Path) -> tuple[Split, Split]:
+    """(train, val) of a dataset folder laid out as ``<split>/annotations/instances_<split>.json`` +
+    ``<split>/images`` with splits ``train``/``val`` or ``train2017``/``val2017``.
+
+    Raises:
+        FileNotFoundError: neither layout is there.
+    """
+    for train, val in (("train", "val"), ("train2017", "val2017")):
+        (tj, ti), (vj, vi) = split_files(data, train), split_files(data, val)
+        if tj.is_file() and vj.is_file():
+            return Split(train, tj, ti), Split(val, vj, vi)
+    raise FileNotFoundError(f"{data}: no train/val (or train2017/val2017) split with annotations/instances_*.json")
+
+
+def subset_json(src: Path, dst: Path, fraction: float = 1.0, n_masks: int = 0, seed: int = 0) -> dict:
+    """Write a training json: the first ``fraction`` of the images (seeded shuffle), masks removed except on
+    ``n_masks`` randomly drawn (seeded) non-crowd instances with a mask, which are marked
+    ``mask_supervised`` (:data:`training.coco.MASK_SUPERVISED_KEY`).
+
+    Returns:
+        {"images", "boxes", "masks"}: counts written.
+
+    Raises:
+        ValueError: ``fraction`` not in (0, 1], or more masks asked than instances with a mask.
+    """
+    from training.coco import MASK_SUPERVISED_KEY
+
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    data = json.loads(src.read_text())
+    rng = random.Random(seed)
+    images = sorted(data["images"], key=lambda im: im["id"])
+    rng.shuffle(images)
+    images = images[: max(1, math.ceil(fraction * len(images)))]
+    ids = {im["id"] for im in images}
+    anns = [dict(a) for a in data["annotations"] if a["image_id"] in ids]
+    with_mask = [a for a in anns if a.get("segmentation") and not a.get("iscrowd", 0)]
+    if n_masks > len(with_mask):
+        raise ValueError(f"{n_masks} masks asked, the split has {len(with_mask)} instances with a mask")
+    chosen = {a["id"] for a in rng.sample(sorted(with_mask, key=lambda a: a["id"]), n_masks)}
+    for a in anns:
+        if a["id"] in chosen:
+            a[MASK_SUPERVISED_KEY] = True
+        else:
+            a.pop("segmentation", None)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(json.dumps(dict(data, images=images, annotations=anns)))
+    return {"images": len(images), "boxes": sum(1 for a in anns if not a.get("iscrowd", 0)), "masks": len(chosen)}
+
+
+def train_run(out: Path, config: str, train: Split, train_json: Path, iters: int, checkpoint_period: int,
+              threads: int, opts: Sequence[str]) -> dict:
+    """Train one run in a subprocess unless ``out/train_result.json`` exists; returns its record
+    ``{"cpu_s", "wall_s", "iterations", "command"}`` (kept in ``out/curve_run.json``)."""
+    record = out / "curve_run.json"
+    if record.is_file() and (out / "train_result.json").is_file():
+        return json.loads(record.read_text())
+    steps = f"({int(0.75 * iters)}, {int(0.9 * iters)})"
+    cmd = [sys.executable, "-m", "training.train", "--config", config, "--threads", str(threads),
+           "--train-json", str(train_json), "--train-images", str(train.images),
+           "OUTPUT_DIR", str(out), "DATASETS.TEST", "()", "SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", steps,
+           "SOLVER.CHECKPOINT_PERIOD", str(checkpoint_period), "DATALOADER.NUM_WORKERS", "1", *opts]
+    out.mkdir(parents=True, exist_ok=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.time()
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    with open(out / "train_stdout.log", "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training failed (exit {proc.returncode}); see {out / 'train_stdout.log'}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rec = {"cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+           "wall_s": time.time() - t0, "iterations": iters, "command": shlex.join(cmd)}
+    record.write_text(json.dumps(rec, indent=2))
+    return rec
+
+
+def checkpoint_path(out: Path, iteration: int, final_iter: int) -> Path:
+    """The checkpoint after ``iteration`` steps (detectron2 names it by the last step index)."""
+    if iteration >= final_iter and (out / "model_final.pth").is_file():
+        return out / "model_final.pth"
+    return out / f"model_{iteration - 1:07d}.pth"
+
+
+def evaluate_checkpoint(out: Path, iteration: int, final_iter: int, val: Split, engines: Sequence[str] = ENGINES,
+                        opts: Sequence[str] = ()) -> dict[str, dict]:
+    """Box→mask figures of the checkpoint after ``iteration`` steps on ``val`` for each engine variant,
+    cached in ``out/eval-<iteration>.json``."""
+    cache = out / f"eval-{iteration}.json"
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    todo = [e for e in engines if e not in done]
+    if todo:
+        from sim_model.engines.sim import SIMBoxToMask
+        from sim_model.evaluation import evaluate_box_to_mask
+        from training.evaluate import load_eval_model
+
+        # class ids are the categories in id order (detectron2's contiguous ids; same json for train and val)
+        names = [c["name"] for c in sorted(json.loads(val.json.read_text())["categories"], key=lambda c: c["id"])]
+        cfg, model = load_eval_model(str(out / "config.yaml"), str(checkpoint_path(out, iteration, final_iter)),
+                                     list(opts))
+        for e in todo:
+            engine = SIMBoxToMask(model, cfg, names, model_version=f"curve-{e}", refine=(e == "refine"))
+            res = evaluate_box_to_mask(engine, val.json, val.images, progress=False)
+            done[e] = {k: res[k] for k in FIGURES if k in res}
+            cache.write_text(json.dumps(done, indent=2))
+    return {e: done[e] for e in engines}
+
+
+def reference_rows(val: Split, work: Path) -> dict[str, dict]:
+    """GrabCut and the filled box on ``val`` (cached in ``work/references.json``)."""
+    cache = work / "references.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    from sim_model.engines import cold_start_engine
+    from sim_model.engines.shape_prior import FilledBoxEngine
+    from sim_model.evaluation import evaluate_box_to_mask
+
+    rows = {}
+    for name, engine in (("grabcut", cold_start_engine()), ("box", FilledBoxEngine())):
+        res = evaluate_box_to_mask(engine, val.json, val.images, progress=False)
+        rows[name] = {k: res[k] for k in FIGURES if k in res}
+    work.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def best_engine(figures: dict[str, dict]) -> str:
+    """The engine variant with the higher mIoU (the plain map on a tie)."""
+    return max(ENGINES, key=lambda e: (figures[e]["mIoU"], e == "map"))
+
+
+def plot(path: Path, key: str, curve: list[dict], fractions: list[dict], masks: list[dict], refs: dict) -> None:
+    """mIoU against iterations, training boxes and corrected masks, GrabCut and the box as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("iterations", curve, "iterations"), ("training boxes", fractions, "n_train_boxes"),
+              ("corrected masks", masks, "n_masks")]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
+    for ax, (title, points, x) in zip(axes, panels):
+        for e, style in (("map", "o-"), ("refine", "s--")):
+            pts = sorted((p[x], p[e]["mIoU"]) for p in points if e in p)
+            if pts:
+                ax.plot([a for a, _ in pts], [b for _, b in pts], style, label=f"SIM {e}")
+        for name, style in (("grabcut", "r:"), ("box", "k:")):
+            ax.axhline(refs[name]["mIoU"], linestyle=":", color=style[0], label=name)
+        ax.set_xlabel(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"box→mask mIoU ({key})")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m training.curve``; returns 0, or 2 on bad arguments."""
+    p = argparse.ArgumentParser(prog="python -m training.curve", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, type=Path, help="dataset folder (train/val splits)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"the recipe (default {DEFAULT_CONFIG})")
+    p.add_argument("--iters", type=int, default=1200, help="iterations of every run (default 1200)")
+    p.add_argument("--checkpoints", default="200,400,800,1200", help="iterations evaluated in the full run")
+    p.add_argument("--fractions", default="0.25,0.5", help="fractions of the train images (boxes only)")
+    p.add_argument("--masks", default="10,25,50,100", help="numbers of corrected masks (all images)")
+    p.add_argument("--runs", default="full,fractions,masks", help="which runs to train and evaluate now")
+    p.add_argument("--budget-min", type=float, default=120.0, help="CPU minutes the learned row may train")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
+    p.add_argument("--key", default=None, help="table key in docs/benchmarks.json (default <dataset>-<val split>)")
+    p.add_argument("--work", type=Path, default=None, help="run folders (default /tmp/curve-<dataset>)")
+    p.add_argument("--no-write", action="store_true", help="print, do not touch docs/")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides of every run")
+    args = p.parse_args(argv)
+    try:
+        train, val = dataset_splits(args.data)
+        checkpoints = sorted({int(x) for x in args.checkpoints.split(",") if x})
+        fractions = [float(x) for x in args.fractions.split(",") if x]
+        masks = [int(x) for x in args.masks.split(",") if x]
+        runs = set(args.runs.split(","))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if len(args.opts) % 2 or not checkpoints or checkpoints[-1] > args.iters or runs - {"full", "fractions", "masks"}:
+        print("error: KEY VALUE pairs, checkpoints <= --iters, runs among full,fractions,masks", file=sys.stderr)
+        return 2
+    name = args.data.resolve().name
+    key = args.key or f"{name}-{val.name}"
+    work = args.work or Path(f"/tmp/curve-{name}")
+    command = "python -m training.curve " + shlex.join([a for a in (argv if argv is not None else sys.argv[1:])])
+    period = math.gcd(*checkpoints)
+    refs = reference_rows(val, work)
+    print(f"[curve] {key}: GrabCut mIoU {refs['grabcut']['mIoU']:.4f}, box {refs['box']['mIoU']:.4f}", flush=True)
+
+    def run(tag: str, fraction: float, n_masks: int, evaluate_at: Sequence[int]) -> list[dict]:
+        out = work / tag
+        counts = subset_json(train.json, out / "train.json", fraction, n_masks)
+        print(f"[curve] {tag}: {counts['images']} images, {counts['boxes']} boxes, {counts['masks']} masks; "
+              f"training {args.iters} iterations", flush=True)
+        rec = train_run(out, args.config, train, out / "train.json", args.iters, period, args.threads, args.opts)
+        points = []
+        for it in evaluate_at:
+            figs = evaluate_checkpoint(out, it, args.iters, val, opts=args.opts)
+            point = {"iterations": it, "train_minutes_cpu": rec["cpu_s"] / 60.0 * it / rec["iterations"],
+                     "n_train_images": counts["images"], "n_train_boxes": counts["boxes"],
+                     "n_masks": counts["masks"], **figs}
+            print(f"[curve] {tag} @{it}: map {figs['map']['mIoU']:.4f}, refine {figs['refine']['mIoU']:.4f} "
+                  f"({point['train_minutes_cpu']:.0f} CPU min)", flush=True)
+            points.append(point)
+        return points
+
+    curve, by_fraction, by_masks = [], [], []
+    if "full" in runs:
+        curve = run("full", 1.0, 0, checkpoints)
+    if "fractions" in runs:
+        by_fraction = [q for f in fractions for q in run(f"f{int(round(f * 100))}", f, 0, [args.iters])]
+        if curve:
+            by_fraction.append(curve[-1])
+    if "masks" in runs:
+        by_masks = [q for n in masks for q in run(f"m{n}", 1.0, n, [args.iters])]
+        if curve:
+            by_masks.insert(0, curve[-1])
+    if args.no_write:
+        return 0
+    for name_, row in refs.items():
+        record_results(key, name_, row, command)
+    rows: dict[str, dict] = {}
+    for q in curve:
+        for e in ENGINES:
+            rows[f"learned_{e}@{q['iterations']}"] = q
+    n_all = len(json.loads(train.json.read_text())["images"])
+    for q in by_fraction:
+        for e in ENGINES:
+            rows[f"learned_{e}_f{round(100 * q['n_train_images'] / n_all)}"] = q
+    for q in by_masks:
+        for e in ENGINES:
+            rows[f"learned_{e}_m{q['n_masks']}"] = q
+    fitting = [q for q in curve if q["train_minutes_cpu"] <= args.budget_min]
+    if fitting:
+        rows["learned"] = fitting[-1]
+    fifty = [q for q in by_masks if q["n_masks"] == 50]
+    if fifty:
+        rows["learned_masks50"] = fifty[0]
+    for row_name, q in rows.items():
+        e = row_name.split("_")[1].split("@")[0] if row_name.startswith(("learned_map", "learned_refine")) else best_engine(q)
+        meta = {k: q[k] for k in ("iterations", "train_minutes_cpu", "n_train_images", "n_train_boxes", "n_masks")}
+        record_results(key, row_name, {**q[e], **meta, "engine": e}, command)
+    plot(REPO_ROOT / "docs" / f"curve-{key}.png", key, curve, by_fraction, by_masks, refs)
+    print(f"[curve] wrote {DOCS_JSON} [{key}] and docs/curve-{key}.png", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
