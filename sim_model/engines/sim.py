@@ -177,10 +177,14 @@ class SIMBoxToMask(BoxToMask):
         hw = image.shape[:2]
         prototypes = getattr(self.model, "prototypes", None)
         crops, scores = [], np.zeros(len(boxes), np.float32)
+        whole = None if self.close_look else self._view(image, False)  # one pass serves every box
         for k, box in enumerate(boxes):
             c0, r0, c1, r1 = box_pixel_bounds(box, hw)
-            x0, y0, x1, y1 = context_window(box, hw, self.context) if self.close_look else (0, 0, hw[1], hw[0])
-            tf, feats, z = self._view(image[y0:y1, x0:x1], self.close_look)
+            if whole is None:
+                x0, y0, x1, y1 = context_window(box, hw, self.context)
+                tf, feats, z = self._view(image[y0:y1, x0:x1], True)
+            else:
+                (x0, y0, x1, y1), (tf, feats, z) = (0, 0, hw[1], hw[0]), whole
             local_box = (np.asarray(box, np.float32) - np.array([x0, y0, x0, y0], np.float32))[None]
             rbox = torch.as_tensor(tf.apply_box(local_box)[0], dtype=torch.float32)
             pred_boxes, logits = positive_masks(feats, rbox)

@@ -179,3 +179,29 @@ def test_broken_version_directories_are_refused_naming_the_fault(sim_version_dir
 def test_missing_version_directory_is_refused(tmp_path):
     with pytest.raises(ModelVersionError, match="does not exist"):
         SIMBoxToMask.from_version_dir(tmp_path / "nope")
+
+
+def test_the_close_look_sees_only_the_window_around_each_box(sim_version_dir, monkeypatch):
+    import sim_model.engines.sim as sim_engine
+
+    close = SIMBoxToMask.from_version_dir(sim_version_dir, close_look=True, feature_cache_size=0)
+    img, boxes = _image()
+    sizes = []
+    real = sim_engine.image_features
+    monkeypatch.setattr(sim_engine, "image_features", lambda m, t, **k: sizes.append(tuple(t.shape[1:])) or real(m, t, **k))
+    masks = close.predict(img, boxes, ["person", "person"])
+    bc = close.cfg.INPUT.BOX_CROP
+    assert len(sizes) == 2  # one pass per box, on its window resized to the close look's size
+    assert all(min(s) <= bc.MIN_SIZE_TEST and max(s) <= bc.MAX_SIZE_TEST for s in sizes)
+    assert any(min(s) == bc.MIN_SIZE_TEST for s in sizes)
+    # what lies outside a box's window changes nothing: paint everything else
+    for k, box in enumerate(boxes):
+        x0, y0, x1, y1 = sim_engine.context_window(box, img.shape[:2], close.context)
+        other = np.full_like(img, 127)
+        other[y0:y1, x0:x1] = img[y0:y1, x0:x1]
+        again = close.predict(other, box[None], ["person"])
+        assert np.allclose(again.crops[0], masks.crops[k], atol=1e-5)
+    whole = SIMBoxToMask.from_version_dir(sim_version_dir, close_look=False, feature_cache_size=0)
+    sizes.clear()
+    whole.predict(img, boxes, ["person", "person"])
+    assert len(sizes) == 1  # without it, one pass for the image
