@@ -114,7 +114,8 @@ def retrain_schedule(cfg: CfgNode, n_images: int, start_iter: int = 0,
 
     Returns:
         (``SOLVER.MAX_ITER``, ``SOLVER.STEPS``): absolute iterations; the LR drops at the fractions
-        ``RETRAIN.LR_STEPS`` of this retrain's iterations.
+        ``RETRAIN.LR_STEPS`` of this retrain's iterations (a drop that would fall on its last step is left
+        out: detectron2 refuses it).
 
     Raises:
         ValueError: ``n_images`` < 0, or MIN_ITER > MAX_ITER.
@@ -125,7 +126,8 @@ def retrain_schedule(cfg: CfgNode, n_images: int, start_iter: int = 0,
                          f"{r.MIN_ITER}, {r.MAX_ITER}")
     n = int(math.ceil(float(r.EPOCHS) * n_images / max(int(cfg.SOLVER.IMS_PER_BATCH), 1)))
     n = min(max(n, int(r.MIN_ITER)), int(r.MAX_ITER)) if iterations is None else int(iterations)
-    return start_iter + n, tuple(start_iter + max(1, int(round(f * n))) for f in r.LR_STEPS)
+    steps = sorted({max(1, int(round(f * n))) for f in r.LR_STEPS})
+    return start_iter + n, tuple(start_iter + k for k in steps if k < n)  # a drop at the last step is no drop
 
 
 class RetrainFailed(RuntimeError):

@@ -24,6 +24,7 @@ def test_a_continued_run_counts_from_its_start_and_max_iter_overrides():
     cfg = _cfg()
     assert retrain_schedule(cfg, 200, start_iter=1200) == (1700, (1575, 1650))
     assert retrain_schedule(cfg, 200, start_iter=1200, iterations=40) == (1240, (1230, 1236))
+    assert retrain_schedule(cfg, 200, iterations=4) == (4, (3,))  # 0.9 x 4 rounds to the last step: no drop
 
 
 def test_bad_bounds_raise():
