@@ -12,7 +12,8 @@ Every run trains the recipe with ``python -m training.train`` in a subprocess (i
 with ``getrusage``) on the dataset's train split, and evaluates box→mask on its val split
 (:func:`sim_model.evaluation.evaluate_box_to_mask`: mIoU per COCO size, mask AP with COCOeval,
 median ms per box) with two engines built on the checkpoint: the SIM map (``map``) and the map refined
-by GrabCut (``refine``). Runs:
+by GrabCut (``refine``); at the full run's last checkpoint also ``whole``, the same model without the
+close look (the ablation). Runs:
 
 - ``full``: all train images, boxes only; evaluated at each of ``--checkpoints`` (the iteration curve);
 - ``fractions``: the first ``--fractions`` of the train images (a seeded shuffle), boxes only, final
@@ -52,6 +53,9 @@ from sim_model.results import DOCS_JSON, record_results
 FIGURES = ("mIoU", "mIoU_small", "mIoU_medium", "mIoU_large", "AP", "AP50", "AP75", "ms_per_box", "ms_per_image",
            "n_boxes", "n_small", "n_medium", "n_large")
 ENGINES = ("map", "refine")
+#: Evaluated at the full run's last checkpoint only: the same model without the close look (one network
+#: pass on the whole image), the ablation of the close look.
+ABLATION = ("whole",)
 DEFAULT_CONFIG = "configs/SIM_close_EffLite0_FPN_cpu.yaml"
 
 
@@ -165,7 +169,8 @@ def evaluate_checkpoint(out: Path, iteration: int, final_iter: int, val: Split, 
         cfg, model = load_eval_model(str(out / "config.yaml"), str(checkpoint_path(out, iteration, final_iter)),
                                      list(opts))
         for e in todo:
-            engine = SIMBoxToMask(model, cfg, names, model_version=f"curve-{e}", refine=(e == "refine"))
+            engine = SIMBoxToMask(model, cfg, names, model_version=f"curve-{e}", refine=(e == "refine"),
+                                  close_look=False if e == "whole" else None)
             res = evaluate_box_to_mask(engine, val.json, val.images, progress=False)
             done[e] = {k: res[k] for k in FIGURES if k in res}
             cache.write_text(json.dumps(done, indent=2))
@@ -260,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     refs = reference_rows(val, work)
     print(f"[curve] {key}: GrabCut mIoU {refs['grabcut']['mIoU']:.4f}, box {refs['box']['mIoU']:.4f}", flush=True)
 
-    def run(tag: str, fraction: float, n_masks: int, evaluate_at: Sequence[int]) -> list[dict]:
+    def run(tag: str, fraction: float, n_masks: int, evaluate_at: Sequence[int], ablation: bool = False) -> list[dict]:
         out = work / tag
         counts = subset_json(train.json, out / "train.json", fraction, n_masks)
         print(f"[curve] {tag}: {counts['images']} images, {counts['boxes']} boxes, {counts['masks']} masks; "
@@ -268,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rec = train_run(out, args.config, train, out / "train.json", args.iters, period, args.threads, args.opts)
         points = []
         for it in evaluate_at:
-            figs = evaluate_checkpoint(out, it, args.iters, val, opts=args.opts)
+            engines = ENGINES + (ABLATION if ablation and it == evaluate_at[-1] else ())
+            figs = evaluate_checkpoint(out, it, args.iters, val, engines, opts=args.opts)
             point = {"iterations": it, "train_minutes_cpu": rec["cpu_s"] / 60.0 * it / rec["iterations"],
                      "n_train_images": counts["images"], "n_train_boxes": counts["boxes"],
                      "n_masks": counts["masks"], **figs}
@@ -279,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     curve, by_fraction, by_masks = [], [], []
     if "full" in runs:
-        curve = run("full", 1.0, 0, checkpoints)
+        curve = run("full", 1.0, 0, checkpoints, ablation=True)
     if "fractions" in runs:
         by_fraction = [q for f in fractions for q in run(f"f{int(round(f * 100))}", f, 0, [args.iters])]
         if curve:
@@ -294,8 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         record_results(key, name_, row, command)
     rows: dict[str, dict] = {}
     for q in curve:
-        for e in ENGINES:
-            rows[f"learned_{e}@{q['iterations']}"] = q
+        for e in ENGINES + ABLATION:
+            if e in q:
+                rows[f"learned_{e}@{q['iterations']}"] = q
     n_all = len(json.loads(train.json.read_text())["images"])
     for q in by_fraction:
         for e in ENGINES:
@@ -310,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if fifty:
         rows["learned_masks50"] = fifty[0]
     for row_name, q in rows.items():
-        e = row_name.split("_")[1].split("@")[0] if row_name.startswith(("learned_map", "learned_refine")) else best_engine(q)
+        e = row_name.split("_")[1].split("@")[0] if row_name.startswith(
+            tuple(f"learned_{x}" for x in ENGINES + ABLATION)) else best_engine(q)
         meta = {k: q[k] for k in ("iterations", "train_minutes_cpu", "n_train_images", "n_train_boxes", "n_masks")}
         record_results(key, row_name, {**q[e], **meta, "engine": e}, command)
     plot(REPO_ROOT / "docs" / f"curve-{key}.png", key, curve, by_fraction, by_masks, refs)
