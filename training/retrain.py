@@ -370,6 +370,7 @@ class RetrainJob:
 
     def score(self, export: ls_export.ProjectExport, version: str) -> bool:
         """Step 7; False (and a message) when it fails."""
+        say(7, f"S_k of every box with {version}")
         try:
             engine = version_engine(self.registry.version_dir(self.project, version))
             db = ScoreDB.for_project(self.registry.root, self.project)
