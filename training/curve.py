@@ -4,7 +4,8 @@ corrected masks, with GrabCut and the filled box as flat references.
 Command line::
 
     python -m training.curve --data ../shared/data/balloon [--config configs/SIM_close_EffLite0_FPN_cpu.yaml]
-        [--iters 1200] [--checkpoints 200,400,800,1200] [--fractions 0.25,0.5] [--masks 10,25,50,100]
+        [--iters 1200] [--checkpoints 200,400,800,1200] [--aux-iters 400] [--fractions 0.25,0.5]
+        [--masks 10,25,50,100]
         [--runs full,fractions,masks] [--budget-min 120] [--threads 1] [--key balloon-val]
         [--work /tmp/curve-balloon] [--no-write] [KEY VALUE ...]
 
@@ -16,10 +17,11 @@ by GrabCut (``refine``); at the full run's last checkpoint also ``whole``, the s
 close look (the ablation). Runs:
 
 - ``full``: all train images, boxes only; evaluated at each of ``--checkpoints`` (the iteration curve);
-- ``fractions``: the first ``--fractions`` of the train images (a seeded shuffle), boxes only, final
-  checkpoint (the data curve);
+- ``fractions``: the first ``--fractions`` of the train images (a seeded shuffle), boxes only,
+  ``--aux-iters`` iterations (the data curve; the full run's point at that iteration is its 100 %);
 - ``masks``: all images, boxes everywhere and ``--masks`` randomly drawn instances (seeded) also
-  supervised by their ground-truth mask — the annotators' corrections — final checkpoint.
+  supervised by their ground-truth mask — the annotators' corrections — ``--aux-iters`` iterations (the
+  full run's point there is its 0).
 
 A run whose work folder holds a finished ``train_result.json`` is not trained again (so a curve can be
 built over several sessions); evaluations are cached in ``<work>/<run>/eval-<iteration>.json``.
@@ -233,7 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, type=Path, help="dataset folder (train/val splits)")
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"the recipe (default {DEFAULT_CONFIG})")
-    p.add_argument("--iters", type=int, default=1200, help="iterations of every run (default 1200)")
+    p.add_argument("--iters", type=int, default=1200, help="iterations of the full run (default 1200)")
+    p.add_argument("--aux-iters", type=int, default=None,
+                   help="iterations of the fractions and masks runs (default --iters; must be a checkpoint of the "
+                        "full run, whose point there is their 100 %% / 0-mask reference)")
     p.add_argument("--checkpoints", default="200,400,800,1200", help="iterations evaluated in the full run")
     p.add_argument("--fractions", default="0.25,0.5", help="fractions of the train images (boxes only)")
     p.add_argument("--masks", default="10,25,50,100", help="numbers of corrected masks (all images)")
@@ -254,8 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if len(args.opts) % 2 or not checkpoints or checkpoints[-1] > args.iters or runs - {"full", "fractions", "masks"}:
-        print("error: KEY VALUE pairs, checkpoints <= --iters, runs among full,fractions,masks", file=sys.stderr)
+    if len(args.opts) % 2 or not checkpoints or checkpoints[-1] > args.iters or runs - {"full", "fractions", "masks"} \
+            or (args.aux_iters is not None and args.aux_iters not in checkpoints):
+        print("error: KEY VALUE pairs, checkpoints <= --iters, --aux-iters among the checkpoints, runs among "
+              "full,fractions,masks", file=sys.stderr)
         return 2
     name = args.data.resolve().name
     key = args.key or f"{name}-{val.name}"
@@ -265,16 +272,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     refs = reference_rows(val, work)
     print(f"[curve] {key}: GrabCut mIoU {refs['grabcut']['mIoU']:.4f}, box {refs['box']['mIoU']:.4f}", flush=True)
 
-    def run(tag: str, fraction: float, n_masks: int, evaluate_at: Sequence[int], ablation: bool = False) -> list[dict]:
+    aux = args.aux_iters or args.iters
+
+    def run(tag: str, fraction: float, n_masks: int, iters: int, evaluate_at: Sequence[int],
+            ablation: bool = False) -> list[dict]:
         out = work / tag
         counts = subset_json(train.json, out / "train.json", fraction, n_masks)
         print(f"[curve] {tag}: {counts['images']} images, {counts['boxes']} boxes, {counts['masks']} masks; "
-              f"training {args.iters} iterations", flush=True)
-        rec = train_run(out, args.config, train, out / "train.json", args.iters, period, args.threads, args.opts)
+              f"training {iters} iterations", flush=True)
+        rec = train_run(out, args.config, train, out / "train.json", iters, min(period, iters), args.threads,
+                        args.opts)
         points = []
         for it in evaluate_at:
             engines = ENGINES + (ABLATION if ablation and it == evaluate_at[-1] else ())
-            figs = evaluate_checkpoint(out, it, args.iters, val, engines, opts=args.opts)
+            figs = evaluate_checkpoint(out, it, iters, val, engines, opts=args.opts)
             point = {"iterations": it, "train_minutes_cpu": rec["cpu_s"] / 60.0 * it / rec["iterations"],
                      "n_train_images": counts["images"], "n_train_boxes": counts["boxes"],
                      "n_masks": counts["masks"], **figs}
@@ -285,15 +296,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     curve, by_fraction, by_masks = [], [], []
     if "full" in runs:
-        curve = run("full", 1.0, 0, checkpoints, ablation=True)
+        curve = run("full", 1.0, 0, args.iters, checkpoints, ablation=True)
+    reference = [q for q in curve if q["iterations"] == aux]
     if "fractions" in runs:
-        by_fraction = [q for f in fractions for q in run(f"f{int(round(f * 100))}", f, 0, [args.iters])]
-        if curve:
-            by_fraction.append(curve[-1])
+        by_fraction = [q for f in fractions for q in run(f"f{int(round(f * 100))}-{aux}", f, 0, aux, [aux])]
+        by_fraction += reference
     if "masks" in runs:
-        by_masks = [q for n in masks for q in run(f"m{n}", 1.0, n, [args.iters])]
-        if curve:
-            by_masks.insert(0, curve[-1])
+        by_masks = reference + [q for n in masks for q in run(f"m{n}-{aux}", 1.0, n, aux, [aux])]
     if args.no_write:
         return 0
     for name_, row in refs.items():
