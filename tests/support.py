@@ -32,9 +32,14 @@ def coco_val():
     return COCO(str(COCO_VAL_JSON))
 
 
-def coco_category_names() -> list[str]:
-    c = coco_val()
+def category_names(c: COCO) -> list[str]:
+    """A COCO index's category names in category-id order."""
     return [c.loadCats(i)[0]["name"] for i in sorted(c.getCatIds())]
+
+
+def coco_category_names() -> list[str]:
+    """coco-mini val2017's category names in category-id order."""
+    return category_names(coco_val())
 
 
 def labels_xml(tag: str, name: str, labels) -> str:
@@ -110,9 +115,8 @@ def coco_train():
 
 
 def coco_train_labels() -> list[str]:
-    """coco-mini's category names in category-id order."""
-    c = coco_train()
-    return [c.loadCats(i)[0]["name"] for i in sorted(c.getCatIds())]
+    """coco-mini train2017's category names in category-id order."""
+    return category_names(coco_train())
 
 
 def poly_item(label: str, seg: list[float], width: int, height: int, rid: str) -> dict:
