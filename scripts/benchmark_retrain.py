@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sim_model.datasets import REPO_ROOT, shared_data_dir, split_files  # noqa: E402
 from sim_model.results import machine_description, record_results  # noqa: E402
 from tests.e2e import ls_harness as H  # noqa: E402
+from tests.support import poly_item  # noqa: E402
 
 SOURCES = (("coco-mini", "train2017"), ("balloon", "train"), ("dsb2018-nuclei", "train"), ("dsb2018-nuclei", "val"))
 
@@ -63,15 +64,11 @@ def merged_dataset(n_images: int, folder: Path) -> dict:
 
 
 def polygon_result(coco: dict, a: dict) -> dict:
-    """An instance's single COCO polygon as a ``polygonlabels`` result (percent)."""
+    """An instance's single COCO polygon as a ``polygonlabels`` result of the harness's ``polygon`` tag."""
     img = next(i for i in coco["images"] if i["id"] == a["image_id"])
-    w, h = img["width"], img["height"]
-    pts = a["segmentation"][0]
     name = next(c["name"] for c in coco["categories"] if c["id"] == a["category_id"])
-    return {"id": f"poly{a['id']}", "type": "polygonlabels", "from_name": "polygon", "to_name": "image",
-            "original_width": w, "original_height": h, "image_rotation": 0,
-            "value": {"points": [[100 * pts[i] / w, 100 * pts[i + 1] / h] for i in range(0, len(pts), 2)],
-                      "closed": True, "polygonlabels": [name]}}
+    item = poly_item(name, a["segmentation"][0], img["width"], img["height"], f"poly{a['id']}")
+    return dict(item, from_name="polygon")
 
 
 def main() -> int:
