@@ -16,7 +16,11 @@ In training ``forward`` returns a dict of ``loss_*`` scalars:
   annotator drew (``gt_masks`` rows where ``gt_mask_supervised``; :mod:`training.data`), 0 without any;
 - with ``MODEL.SIM.ENABLED``: ``loss_pseudo`` (λ1·L_pseudo, SIM Eq. 8) if
   ``MODEL.SIM.PSEUDO_LOSS.ENABLED`` and ``loss_paste`` (λ2·L_paste, Eq. 9) if
-  ``MODEL.SIM.COPY_PASTE.ENABLED``; both are 0 until ``MODEL.SIM.WARMUP_ITERS`` (the gate).
+  ``MODEL.SIM.COPY_PASTE.ENABLED``; both are 0 until ``MODEL.SIM.WARMUP_ITERS`` (the gate);
+- with ``MODEL.MISA.ENABLED`` (MISA, IJCAI 2024; :mod:`sim_model.misa`, the BSSS teacher loaded from
+  ``MODEL.MISA.TEACHER.*`` at the first step): ``loss_fsd`` (Eq. 6) if ``MODEL.MISA.FSD.ENABLED``, and if
+  ``MODEL.MISA.SEPA.ENABLED`` ``loss_pairwise`` is the L1 loss towards SEPA's propagated pseudo labels
+  (Eq. 15) instead of BoxInst's pairwise term (same warm-up ramp).
 
 In eval mode it returns detectron2-style ``[{"instances": Instances}]`` with ``pred_boxes``,
 ``scores``, ``pred_classes`` and ``pred_masks`` (bool, output resolution): a free-running instance
@@ -34,8 +38,13 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
 import sim_model.modeling.backbone  # noqa: F401  (registers the backbones)
-from sim_model.config import BoxInstSettings, MaskSupervisionSettings, SIMSettings
-from sim_model.losses.boxinst import boxinst_losses, feature_similarity, prepare_boxinst_targets
+from sim_model.boxes import box_masks
+from sim_model.config import BoxInstSettings, MaskSupervisionSettings, MISASettings, SIMSettings
+from sim_model.losses.boxinst import (boxinst_losses, feature_similarity, pairwise_warmup_factor,
+                                      prepare_boxinst_targets)
+from sim_model.misa.bsss import BoxSemSeg, load_semantic_teacher
+from sim_model.misa.fsd import FSDProjector, fsd_loss, standardize
+from sim_model.misa.sepa import sepa_loss, sepa_pseudo_labels
 from sim_model.modeling.box_queries import ImageFeatures
 from sim_model.modeling.mask_head import aligned_bilinear, sample_mask_positives
 from sim_model.modeling.network import CondInstNet, build_condinst_net
@@ -54,7 +63,9 @@ class CondInst(nn.Module):
     Submodules: ``net`` (:class:`~sim_model.modeling.network.CondInstNet`, the student), ``teacher``
     (:class:`~sim_model.sim.teacher.MomentumTeacher` over ``net``; created at the first SIM training step
     or when a checkpoint containing ``teacher.*`` is loaded; None otherwise), ``prototypes``
-    (:class:`~sim_model.sim.prototypes.ClassPrototypes`, when SIM is enabled). Buffer ``iteration``:
+    (:class:`~sim_model.sim.prototypes.ClassPrototypes`, when SIM is enabled), ``fsd_projector``
+    (:class:`~sim_model.misa.fsd.FSDProjector`, when MISA's FSD is on; training only). The BSSS teacher is
+    not a submodule (not in checkpoints): :meth:`semantic_teacher` loads it. Buffer ``iteration``:
     training steps taken, drives the warm-ups, restored by checkpoints. ``memory_bank``
     (:class:`~sim_model.sim.copy_paste.MemoryBank`, not a module: the trainer registers it as a
     checkpointable).
@@ -72,6 +83,9 @@ class CondInst(nn.Module):
             (``MODEL.CONDINST.INFERENCE_MASK_THRESH``).
         boxinst, sim: :class:`~sim_model.config.BoxInstSettings`, :class:`~sim_model.config.SIMSettings`.
         mask_supervision: :class:`~sim_model.config.MaskSupervisionSettings`.
+        misa: :class:`~sim_model.config.MISASettings`.
+        teacher_feature_dim: D of the BSSS teacher's features S (``MODEL.BSSS.FEATURE_DIM``), the FSD
+            projector's output.
         seed: seed of the prototypes' initialisation and of copy-paste's draws (``SEED``, at least 0).
     """
 
@@ -79,7 +93,8 @@ class CondInst(nn.Module):
     def __init__(self, *, net: CondInstNet, pixel_mean: Sequence[float], pixel_std: Sequence[float],
                  input_format: str, size_divisibility: int, mask_out_stride: int, topk_proposals_per_im: int,
                  max_proposals: int, num_classes: int, mask_threshold: float, boxinst: BoxInstSettings,
-                 sim: SIMSettings, mask_supervision: MaskSupervisionSettings, seed: int):
+                 sim: SIMSettings, mask_supervision: MaskSupervisionSettings, seed: int,
+                 misa: MISASettings | None = None, teacher_feature_dim: int = 64):
         super().__init__()
         self.net = net
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -95,6 +110,11 @@ class CondInst(nn.Module):
         self.boxinst = boxinst
         self.sim = sim
         self.mask_supervision = mask_supervision
+        self.misa = misa
+        self._semantic_teacher: BoxSemSeg | None = None
+        if misa is not None and misa.fsd:
+            self.fsd_projector = FSDProjector(net.mask_head.in_channels, teacher_feature_dim,
+                                              misa.projector_channels)
         self.teacher: MomentumTeacher | None = None
         self.prototypes: ClassPrototypes | None = None
         self.memory_bank: MemoryBank | None = None
@@ -142,6 +162,8 @@ class CondInst(nn.Module):
             "sim": SIMSettings.from_cfg(cfg),
             "mask_supervision": MaskSupervisionSettings.from_cfg(cfg),
             "seed": max(int(cfg.SEED), 0),
+            "misa": MISASettings.from_cfg(cfg),
+            "teacher_feature_dim": cfg.MODEL.BSSS.FEATURE_DIM,
         }
 
     # ------------------------------------------------------------------ helpers
@@ -163,6 +185,26 @@ class CondInst(nn.Module):
         if self.teacher is None:
             self._init_teacher()
         drop_mismatched_teacher_keys(state_dict, self.teacher.state_dict(prefix=prefix + "teacher."), prefix)
+
+    def semantic_teacher(self) -> BoxSemSeg:
+        """MISA's frozen BSSS teacher (:func:`~sim_model.misa.bsss.load_semantic_teacher` from
+        ``MODEL.MISA.TEACHER.CONFIG/WEIGHTS``), loaded at the first call and kept outside the state dict.
+
+        Raises:
+            FileNotFoundError: a teacher file is missing. ValueError: not a BSSS config, or its feature
+                channels differ from the FSD projector's (``MODEL.BSSS.FEATURE_DIM``).
+        """
+        if self._semantic_teacher is None:
+            teacher = load_semantic_teacher(self.misa.teacher_config, self.misa.teacher_weights, self.device)
+            proj = getattr(self, "fsd_projector", None)
+            if proj is not None and teacher.feature_dim != proj.adaptation.out_channels:
+                raise ValueError(f"the BSSS teacher has {teacher.feature_dim} feature channels, the FSD projector "
+                                 f"{proj.adaptation.out_channels}: set MODEL.BSSS.FEATURE_DIM to the teacher's")
+            if teacher.num_classes != self.num_classes:
+                raise ValueError(f"the BSSS teacher knows {teacher.num_classes} classes, this network "
+                                 f"{self.num_classes}: train the teacher on the same dataset")
+            object.__setattr__(self, "_semantic_teacher", teacher)  # not a submodule: not checkpointed
+        return self._semantic_teacher
 
     def _init_teacher(self) -> None:
         self.teacher = MomentumTeacher(self.net, self.sim.teacher_momentum).to(self.device)
@@ -239,7 +281,13 @@ class CondInst(nn.Module):
             z = torch.nn.functional.normalize(aligned_bilinear(t_out.mask_feats, 2), dim=1)
             affinity = affinity * feature_similarity(z, b.kernel_size, b.dilation)[trained.image]
             thresh = s.affinity_thresh
-        losses.update(boxinst_losses(mask_logits, box_grid_masks[trained.object][:, None], affinity, thresh, it, b))
+        misa = self.misa
+        sepa_on = misa is not None and misa.sepa
+        losses.update(boxinst_losses(mask_logits, box_grid_masks[trained.object][:, None], affinity, thresh, it, b,
+                                     with_pairwise=not sepa_on))
+        if misa is not None and (misa.fsd or misa.sepa):
+            losses.update(self._misa_losses(raw, images, boxes, classes, out, prep, trained, mask_logits,
+                                            box_grid_masks, it))
         ms = self.mask_supervision
         if ms.weight > 0:
             sup = torch.cat(supervised)[trained.object]
@@ -264,6 +312,36 @@ class CondInst(nn.Module):
                                          self.prototypes, self.memory_bank))
         with torch.no_grad():
             self.iteration += 1
+        return losses
+
+    def _misa_losses(self, raw, images: ImageList, boxes, classes, out, prep: dict, trained, mask_logits,
+                     box_grid_masks: torch.Tensor, it: int) -> dict[str, torch.Tensor]:
+        """MISA's terms: ``loss_fsd`` (Eq. 3–6) and SEPA's ``loss_pairwise`` (Eq. 7–15), each when on."""
+        misa = self.misa
+        teacher = self.semantic_teacher()
+        with torch.no_grad():
+            sem, _ = teacher.dense_features(teacher.preprocess_image(raw).tensor)
+        hf, wf = out.mask_feats.shape[-2:]
+        sem = sem[:, :, :hf, :wf]
+        losses = {}
+        if misa.fsd:
+            hp, wp = images.tensor.shape[-2:]
+            stride = hp // hf
+            union = torch.stack([box_masks(b_, hp, wp, stride).amax(dim=0) if len(b_) else
+                                 torch.zeros((hf, wf), dtype=torch.bool, device=self.device) for b_ in boxes])
+            target = standardize(sem) if misa.normalize_teacher else sem
+            losses["loss_fsd"] = fsd_loss(target, self.fsd_projector(out.mask_feats), union[:, :hf, :wf].float(),
+                                          misa.theta, misa.radius, misa.lambda_bg, misa.lambda_fg) * misa.fsd_weight
+        if misa.sepa:
+            hm, wm = mask_logits.shape[-2:]
+            sem_grid = aligned_bilinear(sem, hm // hf)[:, :, :hm, :wm]
+            probs = mask_logits.sigmoid()
+            obj_classes = torch.cat(classes)[trained.object]
+            pseudo = sepa_pseudo_labels(probs, prep["images_rgb"], sem_grid, teacher.class_weights, trained.image,
+                                        obj_classes, misa.balance, misa.dilations, misa.iterations)
+            ramp = pairwise_warmup_factor(it, self.boxinst.warmup_iters)
+            losses["loss_pairwise"] = (sepa_loss(probs, pseudo, box_grid_masks[trained.object][:, None])
+                                       * misa.sepa_weight * ramp)
         return losses
 
     # ------------------------------------------------------------------ inference

@@ -201,6 +201,53 @@ def add_sim_config(cfg: CN) -> CN:
     _c.MODEL.SIM.PAIRWISE.TEACHER_AFFINITY = False
     _c.MODEL.SIM.PAIRWISE.COLOR_THRESH = 0.1
 
+    # ------------------------------------------------------------------ MISA (IJCAI 2024)
+    # A box-supervised semantic segmentation (BSSS) teacher, trained first on the same boxes
+    # (sim_model.misa.bsss), guides the instance network's training; inference never uses it.
+    _c.MODEL.MISA = CN()
+    _c.MODEL.MISA.ENABLED = False
+    # The trained BSSS teacher: its config.yaml and checkpoint (a version folder keeps them as
+    # bsss_config.yaml / bsss_model.pth; training.retrain trains or continues it before the instance network).
+    _c.MODEL.MISA.TEACHER = CN()
+    _c.MODEL.MISA.TEACHER.CONFIG = ""
+    _c.MODEL.MISA.TEACHER.WEIGHTS = ""
+    # Iterations of the teacher in a retrain, as a share of the instance network's (not in the paper).
+    _c.MODEL.MISA.TEACHER.SCHEDULE_FRACTION = 0.5
+    # Frequency-Space Distillation (MISA Eq. 3-6).
+    _c.MODEL.MISA.FSD = CN()
+    _c.MODEL.MISA.FSD.ENABLED = True
+    _c.MODEL.MISA.FSD.THETA = 0.2          # θ, the Fourier mask's scaling factor (Eq. 4, §4.3)
+    _c.MODEL.MISA.FSD.RADIUS = 10.0        # t, the threshold frequency radius (Eq. 4, §4.3)
+    _c.MODEL.MISA.FSD.LAMBDA_BG = 6.0      # λ_bg, low-frequency background term (Eq. 6, §4.3)
+    _c.MODEL.MISA.FSD.LAMBDA_FG = 10.0     # λ_fg, high-frequency foreground term (Eq. 6, §4.3)
+    # Not in the paper: the teacher's features standardised per image and channel before Eq. 3 (so that the
+    # loss does not depend on the scale our BSSS decoder happens to learn), and a weight on L_trans.
+    _c.MODEL.MISA.FSD.NORMALIZE_TEACHER = True
+    _c.MODEL.MISA.FSD.WEIGHT = 1.0
+    # Hidden channels of the projector after the adaptation layer (MGD, Yang et al. 2022: teacher's D).
+    _c.MODEL.MISA.FSD.PROJECTOR_CHANNELS = 0   # 0 = the teacher's feature channels D
+    # Semantic Enhanced Pairwise Affinity (MISA Eq. 7-15); replaces BoxInst's pairwise term when on.
+    _c.MODEL.MISA.SEPA = CN()
+    _c.MODEL.MISA.SEPA.ENABLED = True
+    _c.MODEL.MISA.SEPA.BALANCE = 0.7       # weight of the class feature affinity in Eq. 13 (§4.3)
+    # Local propagation as PAMR (Araslanov & Roth, 2020): 8 neighbours at each dilation, iterated.
+    _c.MODEL.MISA.SEPA.DILATIONS = [1, 2, 4, 8, 12, 24]
+    _c.MODEL.MISA.SEPA.ITERATIONS = 10
+    # Weight of the L1 loss of Eq. 15 (it takes BoxInst's pairwise warm-up ramp).
+    _c.MODEL.MISA.SEPA.WEIGHT = 1.0
+
+    # ------------------------------------------------------------------ the BSSS network (MISA's teacher)
+    # MODEL.META_ARCHITECTURE "BoxSemSeg": the instance network's backbone + FPN, a decoder to stride 8
+    # (CondInst's mask branch design), dense features S (FEATURE_DIM channels), a 1x1 classifier K over C
+    # classes + background (MISA Eq. 1). Trained from boxes only (sim_model.misa.bsss).
+    _c.MODEL.BSSS = CN()
+    _c.MODEL.BSSS.FEATURE_DIM = 64
+    _c.MODEL.BSSS.DECODER_CHANNELS = 64
+    _c.MODEL.BSSS.DECODER_CONVS = 2
+    _c.MODEL.BSSS.PROJECTION_WEIGHT = 1.0   # BoxInst's projection term on each class's box union
+    _c.MODEL.BSSS.PAIRWISE_WEIGHT = 1.0     # BoxInst's colour pairwise term on the semantic map
+    _c.MODEL.BSSS.UNARY_WEIGHT = 1.0        # -log P(label in {background} ∪ classes of the boxes covering it)
+
     # ------------------------------------------------------------------ masks that annotators drew
     # Instances whose annotation carries "mask_supervised": true (training.data) are also trained on
     # their mask: WEIGHT · (BCE_WEIGHT · BCE + DICE_WEIGHT · Dice) over their positives' mask logits,
@@ -302,6 +349,48 @@ class BoxInstSettings:
                    sigma_scale=b.PAIRWISE.COLOR_SIGMA_SCALE, warmup_iters=b.PAIRWISE.WARMUP_ITERS,
                    bottom_pixels_removed=b.BOTTOM_PIXELS_REMOVED, projection_weight=b.PROJECTION_WEIGHT,
                    pairwise_weight=b.PAIRWISE.WEIGHT)
+
+
+@dataclass(frozen=True)
+class MISASettings:
+    """MISA options (``MODEL.MISA.*``; defaults and sources in :func:`add_sim_config`).
+
+    ``fsd`` and ``sepa`` are on only when ``MODEL.MISA.ENABLED`` and their own switch are.
+    Field ↔ key: enabled ENABLED; teacher_config, teacher_weights TEACHER.{CONFIG, WEIGHTS}; fsd, theta,
+    radius, lambda_bg, lambda_fg, normalize_teacher, fsd_weight, projector_channels FSD.{ENABLED, THETA, RADIUS,
+    LAMBDA_BG, LAMBDA_FG, NORMALIZE_TEACHER, WEIGHT, PROJECTOR_CHANNELS}; sepa, balance, dilations, iterations, sepa_weight SEPA.{ENABLED, BALANCE,
+    DILATIONS, ITERATIONS, WEIGHT}.
+    """
+
+    enabled: bool
+    teacher_config: str
+    teacher_weights: str
+    fsd: bool
+    theta: float
+    radius: float
+    lambda_bg: float
+    lambda_fg: float
+    normalize_teacher: bool
+    fsd_weight: float
+    projector_channels: int
+    sepa: bool
+    balance: float
+    dilations: tuple
+    iterations: int
+    sepa_weight: float
+
+    @classmethod
+    def from_cfg(cls, cfg: CN) -> "MISASettings":
+        """Read ``cfg.MODEL.MISA``."""
+        m = cfg.MODEL.MISA
+        return cls(enabled=bool(m.ENABLED), teacher_config=str(m.TEACHER.CONFIG),
+                   teacher_weights=str(m.TEACHER.WEIGHTS), fsd=bool(m.ENABLED and m.FSD.ENABLED),
+                   theta=float(m.FSD.THETA), radius=float(m.FSD.RADIUS), lambda_bg=float(m.FSD.LAMBDA_BG),
+                   lambda_fg=float(m.FSD.LAMBDA_FG), normalize_teacher=bool(m.FSD.NORMALIZE_TEACHER),
+                   fsd_weight=float(m.FSD.WEIGHT), projector_channels=int(m.FSD.PROJECTOR_CHANNELS),
+                   sepa=bool(m.ENABLED and m.SEPA.ENABLED), balance=float(m.SEPA.BALANCE),
+                   dilations=tuple(int(d) for d in m.SEPA.DILATIONS), iterations=int(m.SEPA.ITERATIONS),
+                   sepa_weight=float(m.SEPA.WEIGHT))
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ Layout (``*``: defined elsewhere, see above)::
     <root>/<project>/<version>/classes.json   {"labels": ["cat", "dog", ...]}  (index = class id)
     <root>/<project>/<version>/metrics.json   validation metrics of this version
     <root>/<project>/<version>/train_log.txt  training log
+    <root>/<project>/<version>/bsss_model.pth, bsss_config.yaml   MISA's BSSS teacher (MISA versions only)
     <root>/<project>/CURRENT                  text: the served version name, replaced atomically
     <root>/<project>/classes.json             the project's class map, stable across versions
     <root>/<project>/scores.sqlite          * S_k per (task, region, version) (the retrain's scores)
@@ -73,6 +74,9 @@ CONFIG_FILE = "config.yaml"
 CLASSES_FILE = "classes.json"
 METRICS_FILE = "metrics.json"
 TRAIN_LOG_FILE = "train_log.txt"
+#: MISA's BSSS teacher of a version trained with MODEL.MISA.ENABLED (its config names them relative to the folder).
+TEACHER_WEIGHTS_FILE = "bsss_model.pth"
+TEACHER_CONFIG_FILE = "bsss_config.yaml"
 REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE, CLASSES_FILE)
 LOCK_FILE = "retrain.lock"
 SLOTS_DIR = ".retrain-slots"

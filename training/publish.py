@@ -22,8 +22,8 @@ from detectron2.config import CfgNode
 from sim_model.engines import cold_start_engine, served_engine, version_engine
 from sim_model.evaluation import evaluate_box_to_mask
 from sim_model.files import atomic_write_text
-from sim_model.registry import (CLASSES_FILE, CONFIG_FILE, METRICS_FILE, TRAIN_LOG_FILE, WEIGHTS_FILE,
-                                ModelRegistry, jsonable)
+from sim_model.registry import (CLASSES_FILE, CONFIG_FILE, METRICS_FILE, TEACHER_CONFIG_FILE, TEACHER_WEIGHTS_FILE,
+                                TRAIN_LOG_FILE, WEIGHTS_FILE, ModelRegistry, jsonable)
 
 
 def evaluation_summary(ev: dict) -> dict:
@@ -80,7 +80,8 @@ def validate_against_served(version_dir: Path, version: str, registry: ModelRegi
 
 def write_version(registry: ModelRegistry, project: str, *, weights: Path, cfg: CfgNode, labels: list[str],
                   metrics: dict, train_log: Path | None = None,
-                  validate: Callable[[Path, str], dict] | None = None) -> tuple[str, dict]:
+                  validate: Callable[[Path, str], dict] | None = None,
+                  teacher: tuple[Path, Path] | None = None) -> tuple[str, dict]:
     """Write the next version of ``project`` completely, then rename it into place (not yet served).
 
     Args:
@@ -90,6 +91,8 @@ def write_version(registry: ModelRegistry, project: str, *, weights: Path, cfg: 
         metrics: what ``metrics.json`` holds (``version`` and ``created_at`` are added).
         train_log: the training log to keep (``train_log.txt``; empty when None).
         validate: called with (temporary directory, version name); its dict is merged into the metrics.
+        teacher: MISA's BSSS teacher (config.yaml, checkpoint), kept as ``bsss_config.yaml`` /
+            ``bsss_model.pth``; the version's config names them (``MODEL.MISA.TEACHER.*``) relative to it.
 
     Returns:
         (version name, the metrics written).
@@ -99,6 +102,13 @@ def write_version(registry: ModelRegistry, project: str, *, weights: Path, cfg: 
     """
     with registry.create_version(project) as (version, vdir):
         shutil.copyfile(weights, vdir / WEIGHTS_FILE)
+        if teacher is not None:
+            shutil.copyfile(teacher[0], vdir / TEACHER_CONFIG_FILE)
+            shutil.copyfile(teacher[1], vdir / TEACHER_WEIGHTS_FILE)
+            cfg = cfg.clone()
+            cfg.defrost()
+            cfg.MODEL.MISA.TEACHER.CONFIG = TEACHER_CONFIG_FILE
+            cfg.MODEL.MISA.TEACHER.WEIGHTS = TEACHER_WEIGHTS_FILE
         (vdir / CONFIG_FILE).write_text(cfg.dump())
         (vdir / CLASSES_FILE).write_text(json.dumps({"labels": list(labels)}, indent=2))
         if train_log is not None and Path(train_log).is_file():

@@ -78,8 +78,9 @@ from sim_backend.tasks import parse_project_id
 from sim_model.checkpoint import checkpoint_iteration, grow_class_rows
 from sim_model.datasets import REPO_ROOT
 from sim_model.engines import version_engine
-from sim_model.registry import (CLASSES_FILE, CONFIG_FILE, WEIGHTS_FILE, LockHeld, ModelRegistry, ProjectLock,
-                                acquire_slot, adopt_lock, adopt_slot, jsonable, read_classes)
+from sim_model.registry import (CLASSES_FILE, CONFIG_FILE, TEACHER_WEIGHTS_FILE, WEIGHTS_FILE, LockHeld,
+                                ModelRegistry, ProjectLock, acquire_slot, adopt_lock, adopt_slot, jsonable,
+                                read_classes)
 from training import ls_export
 from training.publish import validate_against_served, write_version
 from training.score_store import ScoreDB
@@ -99,6 +100,16 @@ EXIT_NOT_PUBLISHED = 10
 DEFAULT_CONFIG = "configs/SIM_close_EffLite0_FPN_cpu.yaml"
 DEFAULT_TOLERANCE = 0.02
 STEPS = 7
+
+
+def _misa_changed(parent_config: Path, config_file: Path, opts: Sequence[str]) -> bool:
+    """Whether this retrain's MISA switches (``MODEL.MISA.ENABLED``, ``FSD.ENABLED``) differ from the parent
+    version's: then its optimizer state does not fit the network's parameters."""
+    def switches(cfg: CfgNode) -> tuple[bool, bool]:
+        m = cfg.MODEL.MISA
+        return bool(m.ENABLED), bool(m.ENABLED and m.FSD.ENABLED)
+
+    return switches(build_config(str(parent_config))) != switches(build_config(str(config_file), list(opts)))
 
 
 def retrain_schedule(cfg: CfgNode, n_images: int, start_iter: int = 0,
@@ -173,6 +184,7 @@ class Trained:
     cfg: CfgNode
     result: dict
     weights: Path
+    teacher: tuple[Path, Path] | None = None   # MISA's BSSS teacher (config.yaml, checkpoint)
 
 
 @dataclass
@@ -301,7 +313,7 @@ class RetrainJob:
             if export.labels[: len(parent_classes)] != parent_classes:
                 # the project's class map no longer extends the parent's (edited by hand?): ids would not match
                 say(4, f"the class map does not extend {served}'s classes: starting again from {config_file}")
-            elif parent_classes == export.labels:
+            elif parent_classes == export.labels and not _misa_changed(vdir / CONFIG_FILE, config_file, self.opts):
                 # same classes: continue the run (iteration, optimizer, scheduler, teacher, prototypes, memory bank)
                 start_iter = checkpoint_iteration(vdir / WEIGHTS_FILE) + 1
                 out_dir.mkdir(parents=True, exist_ok=True)
@@ -309,6 +321,11 @@ class RetrainJob:
                 (out_dir / "last_checkpoint").write_text("model_parent.pth")
                 resume = True
                 say(4, f"continuing {served} from iteration {start_iter}")
+            elif parent_classes == export.labels:
+                # MISA switched on or off: the parameters differ (FSD projector), so the optimizer state cannot
+                # be resumed; the parent's weights with a new schedule
+                grown_from = vdir / WEIGHTS_FILE
+                say(4, f"MISA switched since {served}: starting from its weights with a new schedule")
             else:
                 # the class map grew (old ids unchanged, new ones appended): the parent's weights with its
                 # class rows kept and rows for the new classes freshly initialised; new schedule
@@ -330,6 +347,14 @@ class RetrainJob:
             cfg.MODEL.WEIGHTS = str(out_dir / "model_parent_grown.pth")
         n_images = sum(1 for t in export.tasks if t.boxes)
         cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = retrain_schedule(cfg, n_images, start_iter, self.max_iter)
+        teacher = None
+        if cfg.MODEL.MISA.ENABLED:
+            parent_teacher = None
+            if served is not None and parent_classes == export.labels:
+                parent_teacher = self.registry.version_dir(self.project, served) / TEACHER_WEIGHTS_FILE
+            teacher = self._train_teacher(config_file, export, train_json, out_dir.parent / "bsss",
+                                          cfg.SOLVER.MAX_ITER - start_iter, parent_teacher)
+            cfg.MODEL.MISA.TEACHER.CONFIG, cfg.MODEL.MISA.TEACHER.WEIGHTS = str(teacher[0]), str(teacher[1])
         cfg.freeze()
         say(4, f"training iterations {start_iter}..{cfg.SOLVER.MAX_ITER} (LR steps {list(cfg.SOLVER.STEPS)}) on "
                f"{export.n_boxes} boxes of {n_images} images ({len(export.labels)} classes, {cfg.MODEL.DEVICE})")
@@ -339,7 +364,26 @@ class RetrainJob:
             final = out_dir / (out_dir / "last_checkpoint").read_text().strip()
         if not final.is_file() or final.name == "model_parent.pth":
             raise FileNotFoundError(f"training wrote no new checkpoint in {out_dir}")
-        return Trained(cfg, result, final)
+        return Trained(cfg, result, final, teacher)
+
+    def _train_teacher(self, config_file: Path, export: ls_export.ProjectExport, train_json: Path, out_dir: Path,
+                       instance_iters: int, parent: Path | None) -> tuple[Path, Path]:
+        """MISA's BSSS teacher on the same boxes, before the instance network: the same config as a
+        ``BoxSemSeg``, ``MODEL.MISA.TEACHER.SCHEDULE_FRACTION`` of the instance network's iterations (LR steps at
+        ``RETRAIN.LR_STEPS``), continued from the served version's teacher when it has one for the same
+        classes. Returns (its config.yaml, its checkpoint)."""
+        opts = ["DATASETS.TEST", "()", "OUTPUT_DIR", str(out_dir), *self.opts, "MODEL.META_ARCHITECTURE", "BoxSemSeg"]
+        cfg = build_config(str(config_file), opts, train_json=str(train_json), train_images=str(export.image_dir))
+        cfg.defrost()
+        iters = max(1, int(round(instance_iters * cfg.MODEL.MISA.TEACHER.SCHEDULE_FRACTION)))
+        cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = retrain_schedule(cfg, 0, 0, iters)
+        if parent is not None and parent.is_file():
+            cfg.MODEL.WEIGHTS = str(parent)
+        cfg.freeze()
+        say(4, f"MISA: BSSS teacher for {iters} iterations" + (f", continuing {parent.parent.name}'s" if
+                                                               cfg.MODEL.WEIGHTS else ", from the base weights"))
+        result = train(cfg, resume=False)
+        return out_dir / "config.yaml", Path(result["final_checkpoint"])
 
     def publish(self, export: ls_export.ProjectExport, trained: Trained, val_json: Path | None,
                 train_log: Path, n_val_masks: int) -> tuple[str, bool]:
@@ -357,7 +401,7 @@ class RetrainJob:
         try:
             version, metrics = write_version(self.registry, self.project, weights=trained.weights, cfg=trained.cfg,
                                              labels=export.labels, metrics=metrics, train_log=train_log,
-                                             validate=validate)
+                                             validate=validate, teacher=trained.teacher)
         except Exception as e:
             traceback.print_exc()
             raise RetrainFailed(EXIT_TRAIN_FAILED, f"writing or evaluating the new version failed: "

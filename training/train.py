@@ -1,4 +1,4 @@
-"""Train the CondInst + BoxInst (+ SIM) network on any COCO-format dataset (detectron2 training loop).
+"""Train the CondInst + BoxInst (+ SIM, + MISA) network, or MISA's BSSS teacher, on any COCO-format dataset (detectron2 training loop).
 
 Command line::
 
@@ -41,6 +41,7 @@ from detectron2.utils.logger import setup_logger
 import sim_model.condinst  # noqa: F401  (registers CondInst and the backbones)
 from sim_model.config import get_sim_cfg
 from sim_model.datasets import coco_mini_dir, split_files
+from sim_model.misa.bsss import SemanticMIoUEvaluator
 from training.data import BoxOnlyDatasetMapper, register_coco
 
 logger = logging.getLogger("training.train")
@@ -171,7 +172,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """COCO bbox and segm evaluation of ``dataset_name`` (its json needs masks for segm).
+        """COCO bbox and segm evaluation of ``dataset_name`` (its json needs masks for segm); for the BSSS
+        network (``MODEL.META_ARCHITECTURE "BoxSemSeg"``, MISA's teacher) its semantic mIoU against the masks
+        (:class:`~sim_model.misa.bsss.SemanticMIoUEvaluator`, results ``{"sem_seg": {"mIoU": …}}``).
 
         Args:
             output_folder: where the predictions are written (default
@@ -179,8 +182,10 @@ class Trainer(DefaultTrainer):
 
         Returns:
             A :class:`~detectron2.evaluation.COCOEvaluator` (results: AP, AP50, … in percent), gathering
-            the predictions of every process.
+            the predictions of every process, or the semantic evaluator (one process).
         """
+        if cfg.MODEL.META_ARCHITECTURE == "BoxSemSeg":
+            return SemanticMIoUEvaluator(dataset_name)
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return COCOEvaluator(dataset_name, tasks=("bbox", "segm"), distributed=True, output_dir=output_folder)
 

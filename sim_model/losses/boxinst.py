@@ -150,7 +150,8 @@ def prepare_boxinst_targets(images: torch.Tensor, image_sizes: Sequence[tuple[in
             ``box_masks``: list of N tensors (M_n, Hp/stride, Wp/stride) float {0, 1}, each box's pixels
                 (:func:`sim_model.boxes.box_masks`) sampled at the mask grid;
             ``color_similarity``: (N, K*K-1, Hp/stride, Wp/stride) float;
-            ``images_lab``: (N, 3, Hp/stride, Wp/stride) LAB of the stride-downsampled images.
+            ``images_lab``: (N, 3, Hp/stride, Wp/stride) LAB of the stride-downsampled images;
+            ``images_rgb``: (N, 3, Hp/stride, Wp/stride) the stride-downsampled RGB images (average pooling).
     """
     n, _, hp, wp = images.shape
     valid = torch.zeros((n, hp, wp), device=images.device)
@@ -162,7 +163,7 @@ def prepare_boxinst_targets(images: torch.Tensor, image_sizes: Sequence[tuple[in
     lab = rgb_to_lab(down)
     sim = color_similarity(lab, valid_s, kernel_size, dilation, sigma_scale)
     masks = [box_masks(b, hp, wp, stride).float() for b in gt_boxes]
-    return {"box_masks": masks, "color_similarity": sim, "images_lab": lab}
+    return {"box_masks": masks, "color_similarity": sim, "images_lab": lab, "images_rgb": down}
 
 
 def projection_loss(mask_logits: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
@@ -177,7 +178,19 @@ def projection_loss(mask_logits: torch.Tensor, box_mask: torch.Tensor) -> torch.
     """
     if mask_logits.shape[0] == 0:
         return mask_logits.sum() * 0
-    probs = mask_logits.sigmoid()
+    return projection_loss_probs(mask_logits.sigmoid(), box_mask)
+
+
+def projection_loss_probs(probs: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
+    """:func:`projection_loss` on probabilities (also the BSSS teacher's per-class maps, MISA).
+
+    Args:
+        probs: (P, 1, H, W) float foreground probabilities; box_mask: (P, 1, H, W) float {0, 1} targets
+            (a box, or the union of a class's boxes).
+
+    Returns:
+        Scalar: Dice of the y- and x-max-projections, summed, mean over the P maps.
+    """
     box_mask = box_mask.to(probs.dtype)
     loss_y = dice_loss(probs.max(dim=2, keepdim=True)[0], box_mask.max(dim=2, keepdim=True)[0])
     loss_x = dice_loss(probs.max(dim=3, keepdim=True)[0], box_mask.max(dim=3, keepdim=True)[0])
@@ -248,7 +261,7 @@ def pairwise_warmup_factor(iteration: int, warmup_iters: int) -> float:
 
 
 def boxinst_losses(mask_logits: torch.Tensor, box_mask: torch.Tensor, affinity: torch.Tensor, threshold: float,
-                   iteration: int, settings: BoxInstSettings) -> dict[str, torch.Tensor]:
+                   iteration: int, settings: BoxInstSettings, with_pairwise: bool = True) -> dict[str, torch.Tensor]:
     """BoxInst's two mask losses for P predicted masks, weighted, the pairwise term ramped in.
 
     Args:
@@ -260,15 +273,16 @@ def boxinst_losses(mask_logits: torch.Tensor, box_mask: torch.Tensor, affinity: 
             ``MODEL.SIM.PAIRWISE.COLOR_THRESH`` with the teacher affinity).
         iteration: training iteration (drives :func:`pairwise_warmup_factor`).
         settings: :class:`sim_model.config.BoxInstSettings`.
+        with_pairwise: False leaves the pairwise term out (MISA's SEPA replaces it).
 
     Returns:
         ``{"loss_prj": projection_weight × projection loss, "loss_pairwise": pairwise_weight × ramp ×
-        pairwise loss}`` scalars.
+        pairwise loss}`` scalars (only ``loss_prj`` without the pairwise term).
     """
-    pw = pairwise_weights(affinity, box_mask, threshold)
-    ramp = pairwise_warmup_factor(iteration, settings.warmup_iters)
-    return {
-        "loss_prj": projection_loss(mask_logits, box_mask) * settings.projection_weight,
-        "loss_pairwise": pairwise_loss(mask_logits, pw, settings.kernel_size, settings.dilation)
-        * settings.pairwise_weight * ramp,
-    }
+    losses = {"loss_prj": projection_loss(mask_logits, box_mask) * settings.projection_weight}
+    if with_pairwise:
+        pw = pairwise_weights(affinity, box_mask, threshold)
+        ramp = pairwise_warmup_factor(iteration, settings.warmup_iters)
+        losses["loss_pairwise"] = (pairwise_loss(mask_logits, pw, settings.kernel_size, settings.dilation)
+                                   * settings.pairwise_weight * ramp)
+    return losses

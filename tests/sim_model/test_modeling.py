@@ -199,8 +199,8 @@ def test_teacher_feature_affinity_option_changes_the_supervised_pairs(monkeypatc
     seen = []
     real = condinst.boxinst_losses
     monkeypatch.setattr(condinst, "boxinst_losses",
-                        lambda logits, box, affinity, thresh, *a: seen.append((affinity, thresh)) or
-                        real(logits, box, affinity, thresh, *a))
+                        lambda logits, box, affinity, thresh, *a, **kw: seen.append((affinity, thresh)) or
+                        real(logits, box, affinity, thresh, *a, **kw))
     calls = []
     real_fs = condinst.feature_similarity
     monkeypatch.setattr(condinst, "feature_similarity", lambda *a: calls.append(1) or real_fs(*a))
