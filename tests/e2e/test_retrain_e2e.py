@@ -312,3 +312,26 @@ def test_retrain_fails_when_label_studio_stops_midway(flow, label_studio, tmp_pa
     served = requests.get(f"{flow.backend.url}/versions", params={"project": flow.project}, timeout=60,
                           auth=flow.backend.auth).json()
     assert served["current"] == reg.model_version(flow.project, "v0001"), served
+
+
+def test_a_misa_retrain_trains_and_keeps_its_teacher_and_is_served(flow, label_studio, ls_client):
+    """After the failed retrain: MISA switched on (``MODEL.MISA.ENABLED True``) — the BSSS teacher trains on the
+    project's boxes before the instance network, the new version keeps it, and the backend serves the version."""
+    assert flow.first.returncode == 0
+    r = run_retrain(label_studio.url, label_studio.api_key, flow.project, flow.model_dir, "MODEL.MISA.ENABLED", "True")
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert "MISA switched since v0001" in r.stdout and "MISA: BSSS teacher for" in r.stdout
+    reg = ModelRegistry(flow.model_dir)
+    assert reg.current_version(flow.project) == "v0002"
+    vdir = reg.version_dir(flow.project, "v0002")
+    assert (vdir / "bsss_model.pth").is_file() and (vdir / "bsss_config.yaml").is_file()
+    cfg = (vdir / "config.yaml").read_text()
+    assert re.search(r"MISA:\n(\s+.*\n)*?\s+ENABLED: true", cfg)
+    assert "WEIGHTS: bsss_model.pth" in cfg and "CONFIG: bsss_config.yaml" in cfg
+    assert "META_ARCHITECTURE: BoxSemSeg" in (vdir / "bsss_config.yaml").read_text()
+    tasks = sorted(flow.task_boxes)[3:5]
+    H.retrieve_predictions(ls_client, flow.project, tasks)
+    served = reg.model_version(flow.project, "v0002")
+    preds = [p for p in H.list_predictions(ls_client, flow.project) if p["task"] in tasks]
+    assert served in {p["model_version"] for p in preds}, flow.backend.tail_log()
+    assert H.count_annotations(ls_client, flow.project) == len(flow.task_boxes)  # predictions only
