@@ -47,7 +47,7 @@ from sim_model.misa.fsd import FSDProjector, fsd_loss, standardize
 from sim_model.misa.sepa import sepa_loss, sepa_pseudo_labels
 from sim_model.modeling.box_queries import ImageFeatures
 from sim_model.modeling.mask_head import aligned_bilinear, sample_mask_positives
-from sim_model.modeling.network import CondInstNet, build_condinst_net
+from sim_model.modeling.network import CondInstNet, build_condinst_net, to_rgb
 from sim_model.sim.copy_paste import MemoryBank, copy_paste_batch
 from sim_model.sim.losses import SIMBatch, sim_losses
 from sim_model.sim.prototypes import ClassPrototypes
@@ -200,6 +200,7 @@ class CondInst(nn.Module):
             if proj is not None and teacher.feature_dim != proj.adaptation.out_channels:
                 raise ValueError(f"the BSSS teacher has {teacher.feature_dim} feature channels, the FSD projector "
                                  f"{proj.adaptation.out_channels}: set MODEL.BSSS.FEATURE_DIM to the teacher's")
+            teacher.check_input_like(self.input_format, self.size_divisibility)
             if teacher.num_classes != self.num_classes:
                 raise ValueError(f"the BSSS teacher knows {teacher.num_classes} classes, this network "
                                  f"{self.num_classes}: train the teacher on the same dataset")
@@ -208,11 +209,6 @@ class CondInst(nn.Module):
 
     def _init_teacher(self) -> None:
         self.teacher = MomentumTeacher(self.net, self.sim.teacher_momentum).to(self.device)
-
-    def _to_rgb(self, image: torch.Tensor) -> torch.Tensor:
-        """(3, H, W) in ``input_format`` -> float RGB [0, 255]."""
-        image = image.float()
-        return image.flip(0) if self.input_format == "BGR" else image
 
     def preprocess_image(self, images: Sequence[torch.Tensor]) -> ImageList:
         """Normalise (``MODEL.PIXEL_MEAN/STD``) and pad to ``size_divisibility``."""
@@ -260,7 +256,7 @@ class CondInst(nn.Module):
             supervised, gt_masks = _masks_after_paste(supervised, gt_masks, pasted.kept, paste_masks)
 
         images = self.preprocess_image(raw)
-        rgb = ImageList.from_tensors([self._to_rgb(x) for x in raw], self.size_divisibility)
+        rgb = ImageList.from_tensors([to_rgb(x, self.input_format) for x in raw], self.size_divisibility)
         b = self.boxinst
         prep = prepare_boxinst_targets(rgb.tensor, images.image_sizes, boxes, self.mask_out_stride,
                                        b.kernel_size, b.dilation, b.bottom_pixels_removed, b.sigma_scale)
@@ -277,12 +273,12 @@ class CondInst(nn.Module):
         affinity = prep["color_similarity"][trained.image]
         thresh = b.color_thresh
         t_out = teacher_pass(self.teacher, images.tensor, out, trunk) if sim_on else None
-        if sim_on and s.teacher_affinity:
+        misa = self.misa
+        sepa_on = misa is not None and misa.sepa
+        if sim_on and s.teacher_affinity and not sepa_on:  # SEPA replaces the pairwise term that uses it
             z = torch.nn.functional.normalize(aligned_bilinear(t_out.mask_feats, 2), dim=1)
             affinity = affinity * feature_similarity(z, b.kernel_size, b.dilation)[trained.image]
             thresh = s.affinity_thresh
-        misa = self.misa
-        sepa_on = misa is not None and misa.sepa
         losses.update(boxinst_losses(mask_logits, box_grid_masks[trained.object][:, None], affinity, thresh, it, b,
                                      with_pairwise=not sepa_on))
         if misa is not None and (misa.fsd or misa.sepa):
@@ -327,10 +323,10 @@ class CondInst(nn.Module):
         if misa.fsd:
             hp, wp = images.tensor.shape[-2:]
             stride = hp // hf
-            union = torch.stack([box_masks(b_, hp, wp, stride).amax(dim=0) if len(b_) else
+            union = torch.stack([box_masks(b_, hp, wp, stride).amax(dim=0)[:hf, :wf] if len(b_) else
                                  torch.zeros((hf, wf), dtype=torch.bool, device=self.device) for b_ in boxes])
             target = standardize(sem) if misa.normalize_teacher else sem
-            losses["loss_fsd"] = fsd_loss(target, self.fsd_projector(out.mask_feats), union[:, :hf, :wf].float(),
+            losses["loss_fsd"] = fsd_loss(target, self.fsd_projector(out.mask_feats), union.float(),
                                           misa.theta, misa.radius, misa.lambda_bg, misa.lambda_fg) * misa.fsd_weight
         if misa.sepa:
             hm, wm = mask_logits.shape[-2:]

@@ -232,7 +232,9 @@ def add_sim_config(cfg: CN) -> CN:
     # Semantic Enhanced Pairwise Affinity (MISA Eq. 7-15); replaces BoxInst's pairwise term when on.
     _c.MODEL.MISA.SEPA = CN()
     _c.MODEL.MISA.SEPA.ENABLED = True
-    _c.MODEL.MISA.SEPA.BALANCE = 0.7       # weight of the class feature affinity in Eq. 13 (§4.3)
+    # Eq. 13's "affinity balanced coefficient" (§4.3); our reading: Â = A + BALANCE · A^c (the paper does not
+    # say which term it weights).
+    _c.MODEL.MISA.SEPA.BALANCE = 0.7
     # Local propagation as PAMR (Araslanov & Roth, 2020): 8 neighbours at each dilation, iterated.
     _c.MODEL.MISA.SEPA.DILATIONS = [1, 2, 4, 8, 12, 24]
     _c.MODEL.MISA.SEPA.ITERATIONS = 10

@@ -24,10 +24,10 @@ docs/benchmarks.json / .md through :func:`sim_model.results.record_results`:
   SIM predictor (:func:`training.evaluate.evaluate`, :func:`sim_model.evaluation.evaluate_box_to_mask`);
 - ``train_step_s``: median seconds per training step after the SIM gate (``MODEL.SIM.WARMUP_ITERS``;
   all steps otherwise), from detectron2's ``metrics.json``; ``train_step_ratio``: that over the ``boxinst``
-  row's of the same table;
+  row's of the same table when it has the same ``train_iters``;
 - ``ms_first_box`` / ``ms_per_extra_box``: predictor time for one box on an image (network pass included)
   and the marginal time of each further box on the same image (best of 3 calls each, feature cache off),
-  medians over the first 10 val images with ≥ 2 boxes.
+  medians over the first 10 val images with ≥ 4 boxes.
 
 ``--iters N`` shortens (or lengthens) every rung and the teacher to N iterations, the LR steps at the same
 fractions of the schedule as in the config (warm-ups and the SIM gate unchanged). ``--skip-train`` reuses
@@ -110,7 +110,7 @@ def _best_of(n: int, fn) -> float:
 
 
 def extra_box_time(config: Path, weights: Path, json_file: Path, image_dir: Path, n_images: int = 10) -> dict:
-    """``ms_first_box`` and ``ms_per_extra_box`` of the SIM predictor (medians over images with >= 2 boxes;
+    """``ms_first_box`` and ``ms_per_extra_box`` of the SIM predictor (medians over images with >= 4 boxes;
     {} when the val split has none)."""
     cfg, model = load_eval_model(str(config), str(weights))
     coco = COCO(str(json_file))
@@ -119,7 +119,7 @@ def extra_box_time(config: Path, weights: Path, json_file: Path, image_dir: Path
     first, extra = [], []
     for img_id in sorted(coco.getImgIds()):
         anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=img_id, iscrowd=False)) if a["area"] > 0]
-        if len(anns) < 2:
+        if len(anns) < 4:
             continue
         image = np.asarray(Image.open(image_dir / coco.loadImgs(img_id)[0]["file_name"]).convert("RGB"))
         boxes = np.array([xywh_to_xyxy(a["bbox"]) for a in anns], np.float32)
@@ -146,7 +146,20 @@ def _train(config: str, run_dir: Path, train: Split, val: Split, opts: list[str]
 
 def run_teacher(out: Path, train: Split, val: Split, iters: int | None, skip_train: bool, key: str,
                 command: str, write: bool) -> tuple[Path, Path]:
-    """Train (unless ``skip_train`` finds it) and record the BSSS teacher; returns (config.yaml, weights)."""
+    """Train (unless ``skip_train`` finds ``<out>/bsss/model_final.pth``) and record MISA's BSSS teacher.
+
+    Args:
+        out: the ladder's run folder; train, val: the dataset's splits (val: semantic mIoU on its masks).
+        iters: iterations (None: the config's schedule); key: the results table; command: the row's command;
+        write: record the row ``bsss`` (``sem_mIoU``, ``sem_mIoU_fg`` in percent, ``train_step_s``,
+            ``train_iters``, ``train_minutes``: its own training time, wall clock).
+
+    Returns:
+        (its config.yaml, its final checkpoint).
+
+    Raises:
+        subprocess.CalledProcessError: its training failed.
+    """
     run_dir = out / "bsss"
     if not (skip_train and (run_dir / "model_final.pth").is_file()):
         _train(TEACHER_CONFIG, run_dir, train, val, schedule_opts(TEACHER_CONFIG, iters))
@@ -186,7 +199,9 @@ def run_rung(rung: str, out: Path, train: Split, val: Split, key: str, iters: in
         "train_iters": train_result["iterations"],
         **extra_box_time(run_dir / "config.yaml", run_dir / "model_final.pth", val.json, val.images),
     })
-    base = load_results().get(key, {}).get("boxinst", {}).get("train_step_s")
+    # the BoxInst row of the same table and schedule (this run's when it trained one first)
+    base_row = load_results().get(key, {}).get("boxinst", {})
+    base = base_row.get("train_step_s") if base_row.get("train_iters") == figures["train_iters"] else None
     if rung != "boxinst" and base and figures["train_step_s"]:
         figures["train_step_ratio"] = figures["train_step_s"] / base
     print(f"[ladder] {rung}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
@@ -237,6 +252,7 @@ def main(argv=None) -> int:
         run_rung(r, out, train, val, key, args.iters, args.skip_train, not args.no_write, f"{prefix} --rungs {r}",
                  teacher if needs_teacher(r) else None)
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -92,7 +92,8 @@ def write_version(registry: ModelRegistry, project: str, *, weights: Path, cfg: 
         train_log: the training log to keep (``train_log.txt``; empty when None).
         validate: called with (temporary directory, version name); its dict is merged into the metrics.
         teacher: MISA's BSSS teacher (config.yaml, checkpoint), kept as ``bsss_config.yaml`` /
-            ``bsss_model.pth``; the version's config names them (``MODEL.MISA.TEACHER.*``) relative to it.
+            ``bsss_model.pth``; the version's config names them (``MODEL.MISA.TEACHER.*``) relative to its
+            folder (:func:`training.train.build_config` resolves them there).
 
     Returns:
         (version name, the metrics written).

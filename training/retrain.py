@@ -103,11 +103,14 @@ STEPS = 7
 
 
 def _misa_changed(parent_config: Path, config_file: Path, opts: Sequence[str]) -> bool:
-    """Whether this retrain's MISA switches (``MODEL.MISA.ENABLED``, ``FSD.ENABLED``) differ from the parent
-    version's: then its optimizer state does not fit the network's parameters."""
-    def switches(cfg: CfgNode) -> tuple[bool, bool]:
+    """Whether this retrain's MISA switches (``MODEL.MISA.ENABLED``, ``FSD.ENABLED``) or the FSD projector's
+    shapes (``FSD.PROJECTOR_CHANNELS``, ``MODEL.BSSS.FEATURE_DIM``) differ from the parent version's: then its
+    optimizer state does not fit the network's parameters."""
+    def switches(cfg: CfgNode) -> tuple:
         m = cfg.MODEL.MISA
-        return bool(m.ENABLED), bool(m.ENABLED and m.FSD.ENABLED)
+        fsd = bool(m.ENABLED and m.FSD.ENABLED)
+        # the FSD projector's shapes come with FSD
+        return bool(m.ENABLED), fsd, (int(m.FSD.PROJECTOR_CHANNELS), int(cfg.MODEL.BSSS.FEATURE_DIM)) if fsd else None
 
     return switches(build_config(str(parent_config))) != switches(build_config(str(config_file), list(opts)))
 
@@ -377,8 +380,9 @@ class RetrainJob:
         cfg.defrost()
         iters = max(1, int(round(instance_iters * cfg.MODEL.MISA.TEACHER.SCHEDULE_FRACTION)))
         cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = retrain_schedule(cfg, 0, 0, iters)
-        if parent is not None and parent.is_file():
-            cfg.MODEL.WEIGHTS = str(parent)
+        # the served version's teacher, else the backbone's base weights: never the config's MODEL.WEIGHTS (an
+        # instance network's checkpoint, or a scratch file of an earlier retrain)
+        cfg.MODEL.WEIGHTS = str(parent) if parent is not None and parent.is_file() else ""
         cfg.freeze()
         say(4, f"MISA: BSSS teacher for {iters} iterations" + (f", continuing {parent.parent.name}'s" if
                                                                cfg.MODEL.WEIGHTS else ", from the base weights"))

@@ -73,6 +73,9 @@ def build_config(config_file: str, opts: Optional[Sequence[str]] = None, *, trai
                  val_images: Optional[str] = None) -> CfgNode:
     """detectron2 config: defaults + :func:`add_sim_config` + ``config_file`` + ``opts`` (KEY VALUE list).
 
+    MISA's teacher files (``MODEL.MISA.TEACHER.CONFIG/WEIGHTS``) given relative to the config's folder (as a
+    version's config names them) are made absolute.
+
     With ``train_json``/``train_images`` the dataset is registered and becomes ``DATASETS.TRAIN``, and
     ``MODEL.FCOS.NUM_CLASSES`` is set to its number of categories (``opts`` are applied after, so an
     explicit ``MODEL.FCOS.NUM_CLASSES`` wins); ``val_json``/``val_images`` likewise set ``DATASETS.TEST``.
@@ -97,8 +100,21 @@ def build_config(config_file: str, opts: Optional[Sequence[str]] = None, *, trai
         cfg.DATASETS.TEST = (name,)
     if opts:
         cfg.merge_from_list(list(opts))
+    _resolve_teacher_paths(cfg, os.path.dirname(os.path.abspath(config_file)))
     cfg.freeze()
     return cfg
+
+
+def _resolve_teacher_paths(cfg: CfgNode, config_dir: str) -> None:
+    """MISA's teacher files named relative to the config's folder (a version's ``config.yaml`` names
+    ``bsss_config.yaml`` / ``bsss_model.pth`` beside it) become absolute paths; others are left as given."""
+    t = cfg.MODEL.MISA.TEACHER
+    for key in ("CONFIG", "WEIGHTS"):
+        path = getattr(t, key)
+        if path and not os.path.isabs(path) and not os.path.exists(path):
+            candidate = os.path.join(config_dir, path)
+            if os.path.exists(candidate):
+                setattr(t, key, candidate)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -43,6 +43,7 @@ from sim_model.config import BoxInstSettings, get_sim_cfg
 from sim_model.losses.boxinst import (pairwise_warmup_factor, prepare_boxinst_targets, projection_loss_probs,
                                       unfold_wo_center)
 from sim_model.modeling.mask_head import MaskBranch, aligned_bilinear
+from sim_model.modeling.network import to_rgb
 
 
 @META_ARCH_REGISTRY.register()
@@ -70,6 +71,7 @@ class BoxSemSeg(nn.Module):
         self.backbone = backbone
         self.decoder = decoder
         self.classifier = nn.Conv2d(feature_dim, num_classes + 1, 1)
+        self.feature_stride = backbone.output_shape()[in_features[0]].stride   # of S (FPN P3: 8)
         self.num_classes = num_classes
         self.feature_dim = feature_dim
         self.in_features = list(in_features)
@@ -120,6 +122,14 @@ class BoxSemSeg(nn.Module):
         images = [(x.to(self.device).float() - self.pixel_mean) / self.pixel_std for x in images]
         return ImageList.from_tensors(images, self.size_divisibility)
 
+    def check_input_like(self, input_format: str, size_divisibility: int) -> None:
+        """Raise ValueError unless images prepared for a network with this ``INPUT.FORMAT`` and
+        ``SIZE_DIVISIBILITY`` can be fed to this one (MISA: the student's raw batch goes to the teacher)."""
+        if (input_format, size_divisibility) != (self.input_format, self.size_divisibility):
+            raise ValueError(f"the BSSS teacher takes {self.input_format} images padded to {self.size_divisibility}, "
+                             f"the instance network {input_format} / {size_divisibility}: train the teacher with "
+                             f"the same INPUT.FORMAT and MODEL.CONDINST.SIZE_DIVISIBILITY")
+
     def dense_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """S and the class logits of a normalised, padded batch.
 
@@ -127,7 +137,8 @@ class BoxSemSeg(nn.Module):
             images: (N, 3, H, W) float, normalised and padded (:meth:`preprocess_image`).
 
         Returns:
-            (S, logits): (N, D, H/8, W/8) and (N, C + 1, H/8, W/8) float (stride of the first decoder level).
+            (S, logits): (N, D, H/s, W/s) and (N, C + 1, H/s, W/s) float, s = :attr:`feature_stride` (that of
+            the first decoder level, FPN P3: 8).
         """
         feats = self.backbone(images)
         s = self.decoder([feats[f] for f in self.in_features])
@@ -155,13 +166,13 @@ class BoxSemSeg(nn.Module):
         gts = [x["instances"].to(self.device) for x in batched_inputs]
         boxes = [g.gt_boxes.tensor.float() for g in gts]
         classes = [g.gt_classes.long() for g in gts]
-        rgb = ImageList.from_tensors([_to_rgb(x["image"].to(self.device), self.input_format)
+        rgb = ImageList.from_tensors([to_rgb(x["image"].to(self.device), self.input_format)
                                       for x in batched_inputs], self.size_divisibility)
         b = self.boxinst
         prep = prepare_boxinst_targets(rgb.tensor, images.image_sizes, boxes, self.out_stride, b.kernel_size,
                                        b.dilation, b.bottom_pixels_removed, b.sigma_scale)
         hm, wm = prep["color_similarity"].shape[-2:]
-        logits = aligned_bilinear(logits, 8 // self.out_stride)[:, :, :hm, :wm]
+        logits = aligned_bilinear(logits, self.feature_stride // self.out_stride)[:, :, :hm, :wm]
         log_probs = F.log_softmax(logits, dim=1)
         losses = semantic_box_losses(log_probs, prep["box_masks"], classes,
                                      _valid_cells(images.image_sizes, (hm, wm), self.out_stride, self.device),
@@ -175,7 +186,8 @@ class BoxSemSeg(nn.Module):
     def inference(self, logits: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
                   batched_inputs: list[dict]) -> list[dict]:
         """Class probabilities at each input's output size (``sem_seg``, (C + 1, H, W) float)."""
-        probs = F.interpolate(logits, scale_factor=8, mode="bilinear", align_corners=False).softmax(dim=1)
+        probs = F.interpolate(logits, scale_factor=self.feature_stride, mode="bilinear",
+                              align_corners=False).softmax(dim=1)
         out = []
         for i, x in enumerate(batched_inputs):
             h, w = image_sizes[i]
@@ -185,12 +197,6 @@ class BoxSemSeg(nn.Module):
                 p = F.interpolate(p, size=(oh, ow), mode="bilinear", align_corners=False)
             out.append({"sem_seg": p[0]})
         return out
-
-
-def _to_rgb(image: torch.Tensor, input_format: str) -> torch.Tensor:
-    """(3, H, W) in ``input_format`` → float RGB [0, 255]."""
-    image = image.float()
-    return image.flip(0) if input_format == "BGR" else image
 
 
 def _valid_cells(image_sizes: Sequence[tuple[int, int]], grid_hw: tuple[int, int], stride: int,
@@ -250,7 +256,7 @@ class SemanticMIoUEvaluator(DatasetEvaluator):
     """Semantic mIoU of a :class:`BoxSemSeg` against the instance masks of a registered COCO dataset.
 
     The ground truth of an image: each annotation's mask (pycocotools ``annToMask``) painted with its class,
-    background elsewhere; annotations without a mask make their box ignored. The prediction: argmax of
+    background elsewhere; crowd regions and the boxes of annotations without a mask are ignored. The prediction: argmax of
     ``sem_seg``. Results (percent, like detectron2's ``SemSegEvaluator``): ``{"sem_seg": {"mIoU": over
     background and the classes that occur in the ground truth or the prediction, "mIoU_fg": the same
     without background, "IoU-background": …, "pixel_acc": …}}``.
@@ -277,10 +283,10 @@ class SemanticMIoUEvaluator(DatasetEvaluator):
         info = self._coco.imgs[image_id]
         gt = np.full((info["height"], info["width"]), self._num_classes, dtype=np.int64)
         for ann in self._coco.imgToAnns.get(image_id, []):
-            if ann.get("iscrowd", 0):
-                continue
             c = self._to_contiguous[ann["category_id"]]
-            if ann.get("segmentation"):
+            if ann.get("iscrowd", 0) and ann.get("segmentation"):
+                gt[self._coco.annToMask(ann) > 0] = -1
+            elif ann.get("segmentation"):
                 gt[self._coco.annToMask(ann) > 0] = c
             else:
                 x, y, bw, bh = (int(round(v)) for v in ann["bbox"])
@@ -326,6 +332,9 @@ def load_semantic_teacher(config_file: str, weights: str, device: torch.device |
         config_file: its ``config.yaml`` (``MODEL.MISA.TEACHER.CONFIG``).
         weights: its checkpoint (``MODEL.MISA.TEACHER.WEIGHTS``).
         device: where to put it.
+
+    Returns:
+        The :class:`BoxSemSeg` with its checkpoint's weights, in eval mode, every parameter frozen.
 
     Raises:
         FileNotFoundError: either file is missing (the message names the config key).

@@ -6,9 +6,10 @@ dilations, iterated). MISA's affinity is the colour affinity A (Eq. 8) plus the 
 of the BSSS teacher's dense features, A^c with S^c = K^c ⊙ S (Eq. 11–12), summed with a balance weight
 (Eq. 13); the network is trained towards M̂ with an L1 loss (Eq. 15), in place of BoxInst's pairwise term.
 
-σ of Eq. 8/12 is, as in PAMR, the standard deviation of the values over each pixel's neighbourhood (per
-channel); ``|Δ|/σ`` is averaged over the channels after squaring. Neighbours outside the image get no
-weight. The global (APro-style) propagation is not implemented.
+σ of Eq. 8 is, as in PAMR, the standard deviation of each colour channel over the pixel's neighbourhood; σ of
+Eq. 12 is one standard deviation over the neighbourhood and all feature channels (a per-channel σ would
+cancel Eq. 11's reweighting). ``|Δ|/σ`` is averaged over the channels after squaring. Neighbours outside the
+image get no weight. The global (APro-style) propagation is not implemented.
 """
 from __future__ import annotations
 
@@ -21,17 +22,21 @@ import torch.nn.functional as F
 SIGMA_EPS = 1e-5
 
 
-def local_affinity(x: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
-    """Pairwise affinity of each pixel with its local neighbours, ``exp(−mean_c ((x_i − x_k) / σ_i)²)``
-    (MISA Eq. 8 for RGB V, Eq. 10/12 for features), σ_i the per-channel standard deviation over pixel i's
-    valid neighbours (PAMR).
+def local_affinity(x: torch.Tensor, dilations: Sequence[int], per_channel_sigma: bool = True) -> torch.Tensor:
+    """Pairwise affinity of each pixel i with its local neighbours k, ``exp(−mean_c (x_ic − x_kc)² / σ²)``.
+
+    For RGB (MISA Eq. 8) σ is per channel, the standard deviation of that channel over pixel i's valid
+    neighbours (PAMR). For features (Eq. 10/12, ``per_channel_sigma=False``) σ is one number per pixel, the
+    standard deviation over its neighbours and all channels (σ_{S^c} of Eq. 12): a per-channel σ would cancel
+    the class reweighting S^c = K^c ⊙ S of Eq. 11, which scales each channel's spread with its values.
 
     Args:
         x: (N, C, H, W) float (RGB in [0, 255], or dense features).
         dilations: the 8 neighbours at each of these dilations (:func:`neighbour_offsets`).
+        per_channel_sigma: True for colour (Eq. 8), False for features (Eq. 12).
 
     Returns:
-        (N, K, H, W) float in [0, 1]; 0 for neighbours outside the image.
+        (N, K, H, W) float in [0, 1], K = 8·len(dilations); 0 for neighbours outside the image.
     """
     offsets = neighbour_offsets(dilations)
     r = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
@@ -42,7 +47,7 @@ def local_affinity(x: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
     def shifted(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
         return t[:, :, r + dy: r + dy + h, r + dx: r + dx + w]
 
-    # σ per pixel and channel over its valid neighbours (two passes over the offsets: no (N, C, K, H, W) tensor)
+    # σ over each pixel's valid neighbours (two passes over the offsets: no (N, C, K, H, W) tensor)
     count = torch.zeros((1, 1, h, w), device=x.device, dtype=x.dtype)
     total = torch.zeros_like(x)
     for dy, dx in offsets:
@@ -52,7 +57,10 @@ def local_affinity(x: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
     var = torch.zeros_like(x)
     for dy, dx in offsets:
         var = var + (shifted(xp, dy, dx) - mean) ** 2 * shifted(vp, dy, dx)
-    inv_sigma = 1.0 / ((var / count.clamp(min=1.0)).sqrt() + SIGMA_EPS)
+    var = var / count.clamp(min=1.0)
+    if not per_channel_sigma:
+        var = var.mean(dim=1, keepdim=True)
+    inv_sigma = 1.0 / (var.sqrt() + SIGMA_EPS)
     out = []
     for dy, dx in offsets:
         d2 = ((x - shifted(xp, dy, dx)) * inv_sigma) ** 2
@@ -77,7 +85,8 @@ def class_features(features: torch.Tensor, classifier: torch.Tensor, classes: to
 
 def sepa_affinity(color_affinity: torch.Tensor, feature_affinity: torch.Tensor, balance: float) -> torch.Tensor:
     """Semantic Enhanced Pairwise Affinity ``Â^c = A + β · A^c`` (MISA Eq. 13, β ``MODEL.MISA.SEPA.BALANCE``
-    0.7), normalised over the neighbours (ŵ of Eq. 14, as Eq. 9).
+    0.7), normalised over the neighbours (ŵ of Eq. 14, as Eq. 9). Eq. 13 prints a plain sum and §4.3 an
+    "affinity balanced coefficient" of 0.7 without saying which term it weights: our reading is β on A^c.
 
     Args:
         color_affinity: A, (P, K, H, W) float (:func:`local_affinity` of the RGB image).
@@ -164,7 +173,8 @@ def sepa_pseudo_labels(probs: torch.Tensor, rgb: torch.Tensor, features: torch.T
     pairs, inverse = key.unique(return_inverse=True)
     pair_images = pairs // num_classes
     color = local_affinity(rgb[pair_images], dilations)
-    feature = local_affinity(class_features(features[pair_images], classifier, pairs % num_classes), dilations)
+    feature = local_affinity(class_features(features[pair_images], classifier, pairs % num_classes), dilations,
+                             per_channel_sigma=False)
     affinity = sepa_affinity(color, feature, balance)                 # (G, K, H, W), one per (image, class)
     pseudo = torch.empty_like(probs)
     for g in range(pairs.shape[0]):

@@ -90,6 +90,19 @@ class CondInstNet(nn.Module):
         return self.mask_head(out.mask_feats, params, im_inds, head.locations[loc_inds], head.levels[loc_inds])
 
 
+def to_rgb(image: torch.Tensor, input_format: str) -> torch.Tensor:
+    """An input image as the colour losses want it.
+
+    Args:
+        image: (3, H, W) uint8/float in ``input_format`` (``INPUT.FORMAT``: "RGB" or "BGR"), values [0, 255].
+
+    Returns:
+        (3, H, W) float32 RGB in [0, 255].
+    """
+    image = image.float()
+    return image.flip(0) if input_format == "BGR" else image
+
+
 def build_condinst_net(cfg: CfgNode) -> CondInstNet:
     """The network of ``cfg`` (``MODEL.BACKBONE``, ``MODEL.FCOS``, ``MODEL.CONDINST``)."""
     backbone = build_backbone(cfg)
@@ -119,4 +132,4 @@ def build_condinst_net(cfg: CfgNode) -> CondInstNet:
     return CondInstNet(backbone, fcos, mask_branch, mask_head, in_features, c.MASK_BRANCH.IN_FEATURES)
 
 
-__all__ = ["NetOutputs", "CondInstNet", "build_condinst_net"]
+__all__ = ["NetOutputs", "CondInstNet", "build_condinst_net", "to_rgb"]

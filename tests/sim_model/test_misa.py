@@ -109,7 +109,7 @@ def test_one_propagation_step_of_the_centre_by_hand():
     features = torch.zeros(1, 2, 3, 3)
     features[0, 1, 2, 2] = 1.0                      # the bottom-right pixel differs in channel 1 only
     k = torch.tensor([[1.0, 0.0], [0.0, 2.0]])      # class 0 ignores channel 1, class 1 doubles it
-    feat0 = local_affinity(class_features(features, k, torch.tensor([0])), [1])
+    feat0 = local_affinity(class_features(features, k, torch.tensor([0])), [1], per_channel_sigma=False)
     assert feat0[0, :, 1, 1].tolist() == pytest.approx([1.0] * 8)   # reweighted for class 0: all alike
     aff = sepa_affinity(color, feat0, balance=0.7)
     m = torch.zeros(1, 1, 3, 3)
@@ -119,15 +119,28 @@ def test_one_propagation_step_of_the_centre_by_hand():
     # Eq. 13–14: Â = A + 0.7·A^c, normalised; only the bottom-right neighbour carries mask
     expected = (a_col + 0.7 * 1.0) / (7 * (1 + 0.7) + a_col + 0.7 * 1.0)
     assert float(got) == pytest.approx(expected, rel=1e-3)
-    # class 1 sees the bottom-right pixel as different in feature space too: it propagates far less mask
-    feat1 = local_affinity(class_features(features, k, torch.tensor([1])), [1])
-    got1 = propagate(m, sepa_affinity(color, feat1, 0.7), [1], iterations=1)[0, 0, 1, 1]
-    # channel 0 is flat (contributes 0); channel 1: neighbours seven 0 and one 2, σ² = (7·0.25² + 1.75²) / 8,
-    # and the squared distances are averaged over the 2 channels
-    f1 = math.exp(-((2 / math.sqrt(0.4375)) ** 2) / 2)
+    # class 1: channel 1 holds seven 0 and one 2 around the centre (variance (7·0.25² + 1.75²) / 8 = 0.4375),
+    # channel 0 is flat (variance 0): one σ² = 0.21875 for both; squared distances averaged over 2 channels
+    feat1 = local_affinity(class_features(features, k, torch.tensor([1])), [1], per_channel_sigma=False)
+    f1 = math.exp(-(4 / 2) / 0.21875)
     assert float(feat1[0, BOTTOM_RIGHT, 1, 1]) == pytest.approx(f1, rel=1e-3)
+    got1 = propagate(m, sepa_affinity(color, feat1, 0.7), [1], iterations=1)[0, 0, 1, 1]
     assert float(got1) == pytest.approx((a_col + 0.7 * f1) / (7 * 1.7 + a_col + 0.7 * f1), rel=1e-3)
     assert float(got1) < 0.1 * float(got)
+
+
+def test_the_class_reweighting_changes_the_feature_affinity():
+    """Eq. 11–12 with two non-zero classifier rows: the classes see different affinities (a per-channel σ
+    would cancel the reweighting and make them equal)."""
+    g = torch.Generator().manual_seed(2)
+    feats = torch.randn(1, 3, 6, 6, generator=g)
+    k = torch.tensor([[1.0, 1.0, 1.0], [1.0, 4.0, 0.25]])
+    a0, a1 = (local_affinity(class_features(feats, k, torch.tensor([c])), [1, 2], per_channel_sigma=False)
+              for c in (0, 1))
+    assert (a0 - a1).abs().max() > 0.05
+    # a uniform reweighting (all channels × 3) changes nothing: the affinity is scale-free
+    a3 = local_affinity(feats * 3, [1, 2], per_channel_sigma=False)
+    assert torch.allclose(a0, a3, atol=1e-4)
 
 
 def test_sepa_pseudo_labels_follow_the_class_of_each_mask():
@@ -136,12 +149,14 @@ def test_sepa_pseudo_labels_follow_the_class_of_each_mask():
     rgb = torch.rand(1, 3, 8, 8, generator=g) * 255
     feats = torch.randn(1, 4, 8, 8, generator=g)
     k = torch.randn(2, 4, generator=g)
-    probs = torch.rand(2, 1, 8, 8, generator=g)
+    probs = torch.rand(1, 1, 8, 8, generator=g).expand(2, 1, 8, 8).contiguous()  # the same mask twice
     got = sepa_pseudo_labels(probs, rgb, feats, k, torch.tensor([0, 0]), torch.tensor([0, 1]), 0.7, [1, 2], 3)
     for row, c in ((0, 0), (1, 1)):
         aff = sepa_affinity(local_affinity(rgb, [1, 2]),
-                            local_affinity(class_features(feats, k, torch.tensor([c])), [1, 2]), 0.7)
+                            local_affinity(class_features(feats, k, torch.tensor([c])), [1, 2],
+                                           per_channel_sigma=False), 0.7)
         assert torch.allclose(got[row:row + 1], propagate(probs[row:row + 1], aff, [1, 2], 3), atol=1e-6)
+    assert (got[0] - got[1]).abs().max() > 1e-3  # same mask, different classes: different pseudo labels
 
 
 def test_sepa_loss_is_the_l1_distance_inside_the_box_and_trains_only_the_prediction():

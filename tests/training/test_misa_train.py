@@ -42,7 +42,22 @@ def _misa_cfg(out, teacher, max_iter, *extra):
                         train_json=str(COCO_TRAIN_JSON), train_images=str(COCO_TRAIN_IMAGES))
 
 
-def test_misa_trains_against_the_teacher_and_resumes_with_it(teacher, tmp_path):
+def test_misa_trains_against_the_teacher_and_resumes_with_it(teacher, tmp_path, monkeypatch):
+    import sim_model.condinst as condinst
+
+    calls = {"sepa": 0, "with_pairwise": []}
+    real_sepa, real_boxinst = condinst.sepa_pseudo_labels, condinst.boxinst_losses
+
+    def sepa_spy(*a, **kw):
+        calls["sepa"] += 1
+        return real_sepa(*a, **kw)
+
+    def boxinst_spy(*a, with_pairwise=True, **kw):
+        calls["with_pairwise"].append(with_pairwise)
+        return real_boxinst(*a, with_pairwise=with_pairwise, **kw)
+
+    monkeypatch.setattr(condinst, "sepa_pseudo_labels", sepa_spy)
+    monkeypatch.setattr(condinst, "boxinst_losses", boxinst_spy)
     t1 = Trainer(_misa_cfg(tmp_path, teacher, 2))
     t1.resume_or_load(resume=False)
     t1.train()
@@ -52,11 +67,13 @@ def test_misa_trains_against_the_teacher_and_resumes_with_it(teacher, tmp_path):
     assert any(k.startswith("fsd_projector.") for k in m1.state_dict())
     hist = t1.storage.histories()
     assert "loss_fsd" in hist and np.isfinite(hist["loss_fsd"].latest()) and hist["loss_fsd"].latest() > 0
-    assert "loss_pairwise" in hist  # SEPA's L1 term under BoxInst's name
-    # the teacher is frozen: its weights are those of its checkpoint after training
+    # SEPA's L1 term replaced BoxInst's pairwise term (same name, loss_pairwise) at every step
+    assert calls["sepa"] == 2 and calls["with_pairwise"] == [False, False] and "loss_pairwise" in hist
+    # the teacher is frozen: no parameter trains, its weights are those of its checkpoint after training
+    st = m1.semantic_teacher()
+    assert not st.training and not any(p.requires_grad for p in st.parameters())
     saved = torch.load(teacher[1], map_location="cpu", weights_only=False)["model"]
-    tw = m1.semantic_teacher().state_dict()
-    assert torch.equal(tw["classifier.weight"], saved["classifier.weight"])
+    assert torch.equal(st.state_dict()["classifier.weight"], saved["classifier.weight"])
 
     # resume from the run's own config: same teacher, the projector's state restored
     t2 = Trainer(_misa_cfg(tmp_path, teacher, 3))
@@ -106,3 +123,27 @@ def test_semantic_evaluator_on_balloon_val():
                                                                    torch.ones_like(perfect[0])])}])
     r = ev.evaluate()["sem_seg"]
     assert r["mIoU_fg"] == 0.0 and r["IoU-background"] == pytest.approx(100 * (~union).mean())
+
+
+def test_a_versions_relative_teacher_files_resolve_beside_its_config(tmp_path):
+    """A version's config.yaml names bsss_config.yaml / bsss_model.pth beside it (training.publish)."""
+    (tmp_path / "bsss_config.yaml").write_text("MODEL:\n  META_ARCHITECTURE: BoxSemSeg\n")
+    (tmp_path / "bsss_model.pth").write_bytes(b"")
+    (tmp_path / "config.yaml").write_text(
+        f"_BASE_: {REPO}/configs/MISA_EffLite0_FPN_cpu.yaml\nMODEL:\n  MISA:\n    TEACHER:\n"
+        "      CONFIG: bsss_config.yaml\n      WEIGHTS: bsss_model.pth\n")
+    cfg = build_config(str(tmp_path / "config.yaml"))
+    assert cfg.MODEL.MISA.TEACHER.CONFIG == str(tmp_path / "bsss_config.yaml")
+    assert cfg.MODEL.MISA.TEACHER.WEIGHTS == str(tmp_path / "bsss_model.pth")
+
+
+def test_switching_misa_or_its_projector_shape_starts_a_new_schedule(tmp_path):
+    from training.retrain import _misa_changed
+
+    parent = os.path.join(REPO, "configs", "SIM_close_EffLite0_FPN_cpu.yaml")
+    assert not _misa_changed(parent, parent, [])
+    assert _misa_changed(parent, parent, ["MODEL.MISA.ENABLED", "True"])
+    misa = os.path.join(REPO, "configs", "MISA_EffLite0_FPN_cpu.yaml")
+    assert not _misa_changed(misa, misa, ["MODEL.MISA.SEPA.ENABLED", "False"])  # SEPA has no parameters
+    assert _misa_changed(misa, misa, ["MODEL.BSSS.FEATURE_DIM", "32"])
+    assert _misa_changed(misa, misa, ["MODEL.MISA.FSD.ENABLED", "False"])
