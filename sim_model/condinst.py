@@ -334,7 +334,8 @@ class CondInst(nn.Module):
             probs = mask_logits.sigmoid()
             obj_classes = torch.cat(classes)[trained.object]
             pseudo = sepa_pseudo_labels(probs, prep["images_rgb"], sem_grid, teacher.class_weights, trained.image,
-                                        obj_classes, misa.balance, misa.dilations, misa.iterations)
+                                        obj_classes, misa.balance, misa.dilations, misa.iterations,
+                                        misa.sigma_scale)
             ramp = pairwise_warmup_factor(it, self.boxinst.warmup_iters)
             losses["loss_pairwise"] = (sepa_loss(probs, pseudo, box_grid_masks[trained.object][:, None])
                                        * misa.sepa_weight * ramp)

@@ -238,6 +238,8 @@ def add_sim_config(cfg: CN) -> CN:
     # Local propagation as PAMR (Araslanov & Roth, 2020): 8 neighbours at each dilation, iterated.
     _c.MODEL.MISA.SEPA.DILATIONS = [1, 2, 4, 8, 12, 24]
     _c.MODEL.MISA.SEPA.ITERATIONS = 10
+    # σ of Eq. 8/12 multiplied by this: 1.0 as MISA's equations print it; PAMR's code uses 0.1 (sharper).
+    _c.MODEL.MISA.SEPA.SIGMA_SCALE = 1.0
     # Weight of the L1 loss of Eq. 15 (it takes BoxInst's pairwise warm-up ramp).
     _c.MODEL.MISA.SEPA.WEIGHT = 1.0
 
@@ -382,6 +384,7 @@ class MISASettings:
     balance: float
     dilations: tuple
     iterations: int
+    sigma_scale: float
     sepa_weight: float
 
     @classmethod
@@ -395,6 +398,7 @@ class MISASettings:
                    fsd_weight=float(m.FSD.WEIGHT), projector_channels=int(m.FSD.PROJECTOR_CHANNELS),
                    sepa=bool(m.ENABLED and m.SEPA.ENABLED), balance=float(m.SEPA.BALANCE),
                    dilations=tuple(int(d) for d in m.SEPA.DILATIONS), iterations=int(m.SEPA.ITERATIONS),
+                   sigma_scale=float(m.SEPA.SIGMA_SCALE),
                    sepa_weight=float(m.SEPA.WEIGHT))
 
 

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 SIGMA_EPS = 1e-5
 
 
-def local_affinity(x: torch.Tensor, dilations: Sequence[int], per_channel_sigma: bool = True) -> torch.Tensor:
-    """Pairwise affinity of each pixel i with its local neighbours k, ``exp(−mean_c (x_ic − x_kc)² / σ²)``.
+def local_affinity(x: torch.Tensor, dilations: Sequence[int], per_channel_sigma: bool = True,
+                   sigma_scale: float = 1.0) -> torch.Tensor:
+    """Pairwise affinity of each pixel i with its local neighbours k, ``exp(−mean_c (x_ic − x_kc)² / (s·σ)²)``.
 
     For RGB (MISA Eq. 8) σ is per channel, the standard deviation of that channel over pixel i's valid
     neighbours (PAMR). For features (Eq. 10/12, ``per_channel_sigma=False``) σ is one number per pixel, the
@@ -34,6 +35,7 @@ def local_affinity(x: torch.Tensor, dilations: Sequence[int], per_channel_sigma:
         x: (N, C, H, W) float (RGB in [0, 255], or dense features).
         dilations: the 8 neighbours at each of these dilations (:func:`neighbour_offsets`).
         per_channel_sigma: True for colour (Eq. 8), False for features (Eq. 12).
+        sigma_scale: s (``MODEL.MISA.SEPA.SIGMA_SCALE``): 1 in MISA's equations, 0.1 in PAMR's code.
 
     Returns:
         (N, K, H, W) float in [0, 1], K = 8·len(dilations); 0 for neighbours outside the image.
@@ -60,7 +62,7 @@ def local_affinity(x: torch.Tensor, dilations: Sequence[int], per_channel_sigma:
     var = var / count.clamp(min=1.0)
     if not per_channel_sigma:
         var = var.mean(dim=1, keepdim=True)
-    inv_sigma = 1.0 / (var.sqrt() + SIGMA_EPS)
+    inv_sigma = 1.0 / (sigma_scale * var.sqrt() + SIGMA_EPS)
     out = []
     for dy, dx in offsets:
         d2 = ((x - shifted(xp, dy, dx)) * inv_sigma) ** 2
@@ -151,7 +153,7 @@ def sepa_loss(probs: torch.Tensor, pseudo: torch.Tensor, box_mask: torch.Tensor)
 
 def sepa_pseudo_labels(probs: torch.Tensor, rgb: torch.Tensor, features: torch.Tensor, classifier: torch.Tensor,
                        image_index: torch.Tensor, classes: torch.Tensor, balance: float, dilations: Sequence[int],
-                       iterations: int) -> torch.Tensor:
+                       iterations: int, sigma_scale: float = 1.0) -> torch.Tensor:
     """MISA's pseudo labels of P predicted masks (Eq. 8, 11–14): the colour affinity of each mask's image plus
     the affinity of its image's teacher features reweighted for the mask's class, propagated over the mask.
 
@@ -161,7 +163,8 @@ def sepa_pseudo_labels(probs: torch.Tensor, rgb: torch.Tensor, features: torch.T
         features: S, (N, D, H, W) float teacher features on the same grid.
         classifier: K, (C, D) float (:attr:`sim_model.misa.bsss.BoxSemSeg.class_weights`).
         image_index, classes: (P,) long image and ground-truth class of each mask.
-        balance, dilations, iterations: ``MODEL.MISA.SEPA.{BALANCE, DILATIONS, ITERATIONS}``.
+        balance, dilations, iterations, sigma_scale: ``MODEL.MISA.SEPA.{BALANCE, DILATIONS, ITERATIONS,
+            SIGMA_SCALE}``.
 
     Returns:
         M̂, (P, 1, H, W) float.
@@ -172,9 +175,9 @@ def sepa_pseudo_labels(probs: torch.Tensor, rgb: torch.Tensor, features: torch.T
     key = image_index * num_classes + classes
     pairs, inverse = key.unique(return_inverse=True)
     pair_images = pairs // num_classes
-    color = local_affinity(rgb[pair_images], dilations)
+    color = local_affinity(rgb[pair_images], dilations, sigma_scale=sigma_scale)
     feature = local_affinity(class_features(features[pair_images], classifier, pairs % num_classes), dilations,
-                             per_channel_sigma=False)
+                             per_channel_sigma=False, sigma_scale=sigma_scale)
     affinity = sepa_affinity(color, feature, balance)                 # (G, K, H, W), one per (image, class)
     pseudo = torch.empty_like(probs)
     for g in range(pairs.shape[0]):

@@ -99,6 +99,9 @@ def test_colour_affinity_of_the_centre_by_hand():
     sigma = math.sqrt(1.75)
     expected = [1.0] * 7 + [math.exp(-(4 / sigma) ** 2)]
     assert a.tolist() == pytest.approx(expected, rel=1e-3)  # σ + SIGMA_EPS
+    # SIGMA_SCALE s divides the distances by s·σ (PAMR's code: 0.1)
+    sharper = local_affinity(IMAGE, [1], sigma_scale=0.5)[0, BOTTOM_RIGHT, 1, 1]
+    assert float(sharper) == pytest.approx(math.exp(-(4 / (0.5 * sigma)) ** 2), rel=1e-3)
     # a corner has 3 neighbours inside the image; the 5 outside get no affinity
     corner = local_affinity(IMAGE, [1])[0, :, 0, 0]
     assert int((corner > 0).sum()) == 3
