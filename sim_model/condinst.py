@@ -191,8 +191,9 @@ class CondInst(nn.Module):
         ``MODEL.MISA.TEACHER.CONFIG/WEIGHTS``), loaded at the first call and kept outside the state dict.
 
         Raises:
-            FileNotFoundError: a teacher file is missing. ValueError: not a BSSS config, or its feature
-                channels differ from the FSD projector's (``MODEL.BSSS.FEATURE_DIM``).
+            FileNotFoundError: a teacher file is missing. ValueError: not a BSSS config, its feature
+                channels differ from the FSD projector's (``MODEL.BSSS.FEATURE_DIM``), or its input format,
+                padding or class count differ from this network's.
         """
         if self._semantic_teacher is None:
             teacher = load_semantic_teacher(self.misa.teacher_config, self.misa.teacher_weights, self.device)
