@@ -205,3 +205,27 @@ def test_the_close_look_sees_only_the_window_around_each_box(sim_version_dir, mo
     sizes.clear()
     whole.predict(img, boxes, ["person", "person"])
     assert len(sizes) == 1  # without it, one pass for the image
+
+
+def test_the_box_query_pass_skips_the_classification_tower_and_changes_no_mask(engine):
+    """:func:`image_features` runs the head without class logits; the positives' boxes and mask logits of a
+    real box equal those of the full pass (the one detectron2's inference and training run)."""
+    from sim_model.modeling.box_queries import ImageFeatures, image_features, positive_masks
+
+    img, boxes = _image()
+    tf = engine.resize.get_transform(img)
+    resized = tf.apply_image(img)
+    resized = resized[:, :, ::-1] if engine.input_format == "BGR" else resized
+    tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype(np.float32))
+    fast = image_features(engine.model, tensor)
+    assert fast.out.head.logits.shape[-1] == 0
+    net = fast.net.eval()
+    with torch.no_grad():
+        full_out = net(engine.model.preprocess_image([tensor]).tensor)
+    assert full_out.head.logits.shape[-1] == engine.model.num_classes
+    full = ImageFeatures(out=full_out, net=net, mask_features=fast.mask_features, image_size=fast.image_size,
+                         padded_size=fast.padded_size, mask_stride=fast.mask_stride)
+    box = torch.as_tensor(tf.apply_box(boxes[:1])[0], dtype=torch.float32)
+    (fast_boxes, fast_logits), (full_boxes, full_logits) = positive_masks(fast, box), positive_masks(full, box)
+    torch.testing.assert_close(fast_boxes, full_boxes)
+    torch.testing.assert_close(fast_logits, full_logits)
