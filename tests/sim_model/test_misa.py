@@ -249,8 +249,8 @@ def test_bsss_losses_teach_free_logits_the_shapes_inside_the_boxes():
 def test_bsss_projection_pulls_a_class_as_hard_among_eighty_as_among_two():
     """Inside a class's boxes the projection term works on p_c / (p_c + p_bg): its gradient on the disc's
     class logit there, from uniform logits, is within 10 % the same with 80 classes as with 2 (only the rows
-    and columns outside the box differ); on the full softmax it is ~10x weaker here, and with background growing outside the boxes it vanished: coco-mini's teacher
-    predicted background everywhere)."""
+    and columns outside the box differ). On the full softmax it is ~10x weaker here, and once background grows
+    outside the boxes it vanishes: coco-mini's teacher predicted background everywhere."""
     rgb, boxes, classes, _, _ = _two_box_scene()
     x0, y0, x1, y1 = boxes[0][0].int().tolist()
     grads = []
