@@ -98,7 +98,7 @@ def detection_cap_opts(val_json: Path) -> list[str]:
     dsb2018) is not capped by the network nor by COCOeval (:meth:`training.train.Trainer.build_evaluator`)."""
     anns = json.loads(val_json.read_text())["annotations"]
     most = int(np.bincount([a["image_id"] for a in anns]).max()) if anns else 0
-    return ["MODEL.FCOS.POST_NMS_TOPK_TEST", str(int(most))] if most > 100 else []
+    return ["MODEL.FCOS.POST_NMS_TOPK_TEST", str(most)] if most > 100 else []
 
 
 def step_time(metrics_json: Path, after_iter: int) -> float | None:

@@ -132,8 +132,8 @@ def image_features(model, image: torch.Tensor, use_teacher: Optional[bool] = Non
 
     Returns:
         :class:`ImageFeatures`; its head outputs have no class logits (``logits`` (1, L, 0)): a box→mask
-        query knows its box and label, so the classification tower (a third of the head's time on a CPU)
-        is skipped.
+        query knows its box and label, so the classification tower is skipped (balloon's close look on one
+        CPU thread: 58 → 48 ms per box).
 
     Raises:
         ValueError: image not (3, H, W).
