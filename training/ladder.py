@@ -53,6 +53,7 @@ from pycocotools.coco import COCO
 from sim_model.boxes import xywh_to_xyxy
 from sim_model.datasets import coco_mini_dir
 from sim_model.engines.sim import SIMBoxToMask
+from sim_model.evaluation import most_per_image
 from sim_model.results import load_results, record_results
 from training.curve import Split, dataset_splits
 from training.evaluate import evaluate, load_eval_model
@@ -96,8 +97,7 @@ def detection_cap_opts(val_json: Path) -> list[str]:
     """``MODEL.FCOS.POST_NMS_TOPK_TEST`` raised to the most instances of one val image when that exceeds the
     config's 100 ([] otherwise), so that the free-running mask AP of crowded images (375 nuclei in
     dsb2018) is not capped by the network nor by COCOeval (:meth:`training.train.Trainer.build_evaluator`)."""
-    anns = json.loads(val_json.read_text())["annotations"]
-    most = int(np.bincount([a["image_id"] for a in anns]).max()) if anns else 0
+    most = most_per_image(json.loads(val_json.read_text())["annotations"])
     return ["MODEL.FCOS.POST_NMS_TOPK_TEST", str(most)] if most > 100 else []
 
 
