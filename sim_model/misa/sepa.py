@@ -23,7 +23,7 @@ SIGMA_EPS = 1e-5
 
 
 def local_affinity(x: torch.Tensor, dilations: Sequence[int], per_channel_sigma: bool = True,
-                   sigma_scale: float = 1.0) -> torch.Tensor:
+                   sigma_scale: float = 1.0, channel_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Pairwise affinity of each pixel i with its local neighbours k, ``exp(−mean_c (x_ic − x_kc)² / (s·σ)²)``.
 
     For RGB (MISA Eq. 8) σ is per channel, the standard deviation of that channel over pixel i's valid
@@ -31,18 +31,29 @@ def local_affinity(x: torch.Tensor, dilations: Sequence[int], per_channel_sigma:
     standard deviation over its neighbours and all channels (σ_{S^c} of Eq. 12): a per-channel σ would cancel
     the class reweighting S^c = K^c ⊙ S of Eq. 11, which scales each channel's spread with its values.
 
+    ``channel_weights`` gives the affinity of G reweighted copies ``w_g ⊙ x`` of each image at once (Eq. 11–12
+    for G classes) without forming them: both the squared differences and σ² are sums over channels of
+    ``w_gc²`` times the unweighted per-channel terms, one (G × C)·(C × H·W) product per neighbour.
+
     Args:
         x: (N, C, H, W) float (RGB in [0, 255], or dense features).
         dilations: the 8 neighbours at each of these dilations (:func:`neighbour_offsets`).
         per_channel_sigma: True for colour (Eq. 8), False for features (Eq. 12).
         sigma_scale: s (``MODEL.MISA.SEPA.SIGMA_SCALE``): 1 in MISA's equations, 0.1 in PAMR's code.
+        channel_weights: None, or (N, G, C) float: G weight rows per image (the classifier rows K^c of Eq. 11).
 
     Returns:
-        (N, K, H, W) float in [0, 1], K = 8·len(dilations); 0 for neighbours outside the image.
+        (N, K, H, W) float in [0, 1], K = 8·len(dilations), or (N, G, K, H, W) with ``channel_weights``;
+        0 for neighbours outside the image.
+
+    Raises:
+        ValueError: ``channel_weights`` with ``per_channel_sigma`` (a per-channel σ cancels the weights).
     """
+    if channel_weights is not None and per_channel_sigma:
+        raise ValueError("channel_weights need one σ over all channels (per_channel_sigma=False)")
     offsets = neighbour_offsets(dilations)
     r = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
-    h, w = x.shape[-2:]
+    n, c, h, w = x.shape
     xp = F.pad(x, (r, r, r, r))
     vp = F.pad(torch.ones((1, 1, h, w), device=x.device, dtype=x.dtype), (r, r, r, r))
 
@@ -60,29 +71,24 @@ def local_affinity(x: torch.Tensor, dilations: Sequence[int], per_channel_sigma:
     for dy, dx in offsets:
         var = var + (shifted(xp, dy, dx) - mean) ** 2 * shifted(vp, dy, dx)
     var = var / count.clamp(min=1.0)
-    if not per_channel_sigma:
-        var = var.mean(dim=1, keepdim=True)
-    inv_sigma = 1.0 / (sigma_scale * var.sqrt() + SIGMA_EPS)
     out = []
+    if per_channel_sigma:
+        inv_sigma = 1.0 / (sigma_scale * var.sqrt() + SIGMA_EPS)
+        for dy, dx in offsets:
+            d2 = ((x - shifted(xp, dy, dx)) * inv_sigma) ** 2
+            out.append(torch.exp(-d2.mean(dim=1)) * shifted(vp, dy, dx)[:, 0])
+        return torch.stack(out, dim=1)
+    w2 = (channel_weights if channel_weights is not None else x.new_ones((n, 1, c))) ** 2 / c     # (N, G, C)
+
+    def channel_mean(t: torch.Tensor) -> torch.Tensor:                 # (N, C, H, W) → (N, G, H, W)
+        return torch.bmm(w2, t.flatten(2)).view(n, -1, h, w)
+
+    inv_var = 1.0 / (sigma_scale * channel_mean(var).sqrt() + SIGMA_EPS) ** 2
     for dy, dx in offsets:
-        d2 = ((x - shifted(xp, dy, dx)) * inv_sigma) ** 2
-        out.append(torch.exp(-d2.mean(dim=1)) * shifted(vp, dy, dx)[:, 0])
-    return torch.stack(out, dim=1)
-
-
-def class_features(features: torch.Tensor, classifier: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """The teacher's dense features reweighted per channel by the classifier row of a class, S^c = K^c ⊙ S
-    (MISA Eq. 11, CAM-style saliency factors).
-
-    Args:
-        features: S, (N, D, H, W) float.
-        classifier: K, (C, D) float, the 1×1 classifier of the BSSS network over the C object classes.
-        classes: (N,) long class c of each row of ``features``.
-
-    Returns:
-        (N, D, H, W) float.
-    """
-    return features * classifier[classes][:, :, None, None]
+        d2 = channel_mean((x - shifted(xp, dy, dx)) ** 2) * inv_var
+        out.append(torch.exp(-d2) * shifted(vp, dy, dx))
+    a = torch.stack(out, dim=2)                                        # (N, G, K, H, W)
+    return a if channel_weights is not None else a[:, 0]
 
 
 def sepa_affinity(color_affinity: torch.Tensor, feature_affinity: torch.Tensor, balance: float) -> torch.Tensor:
@@ -173,18 +179,20 @@ def sepa_pseudo_labels(probs: torch.Tensor, rgb: torch.Tensor, features: torch.T
         return probs.detach()
     num_classes = classifier.shape[0]
     key = image_index * num_classes + classes
-    pairs, inverse = key.unique(return_inverse=True)
-    pair_images = pairs // num_classes
-    color = local_affinity(rgb[pair_images], dilations, sigma_scale=sigma_scale)
-    feature = local_affinity(class_features(features[pair_images], classifier, pairs % num_classes), dilations,
-                             per_channel_sigma=False, sigma_scale=sigma_scale)
-    affinity = sepa_affinity(color, feature, balance)                 # (G, K, H, W), one per (image, class)
-    pseudo = torch.empty_like(probs)
-    for g in range(pairs.shape[0]):
-        rows = (inverse == g).nonzero()[:, 0]
-        pseudo[rows] = propagate(probs[rows].detach(), affinity[g:g + 1], dilations, iterations)
-    return pseudo
+    pairs, inverse = key.unique(return_inverse=True)                  # sorted: image-major
+    pair_images, pair_classes = pairs // num_classes, pairs % num_classes
+    images = pair_images.unique()
+    color = local_affinity(rgb[images], dilations, sigma_scale=sigma_scale)             # (I, K, H, W)
+    affinity = []                                                     # one (K, H, W) per (image, class)
+    for i, image in enumerate(images.tolist()):
+        rows = pair_classes[pair_images == image]
+        # S^c = K^c ⊙ S for every class of the image's masks (Eq. 11), contracted in local_affinity
+        feature = local_affinity(features[image:image + 1], dilations, per_channel_sigma=False,
+                                 sigma_scale=sigma_scale, channel_weights=classifier[rows][None])[0]
+        affinity.append(sepa_affinity(color[i:i + 1].expand_as(feature), feature, balance))
+    affinity = torch.cat(affinity)                                    # (G, K, H, W), in the order of pairs
+    return propagate(probs.detach(), affinity[inverse], dilations, iterations)
 
 
-__all__ = ["local_affinity", "class_features", "sepa_affinity", "propagate", "neighbour_offsets", "sepa_loss",
+__all__ = ["local_affinity", "sepa_affinity", "propagate", "neighbour_offsets", "sepa_loss",
            "sepa_pseudo_labels"]

@@ -14,7 +14,7 @@ import torch
 from sim_model.boxes import mask_boxes
 from sim_model.misa.bsss import semantic_box_losses, semantic_miou
 from sim_model.misa.fsd import fourier_masks, frequency_split, fsd_loss
-from sim_model.misa.sepa import (class_features, local_affinity, neighbour_offsets, propagate, sepa_affinity,
+from sim_model.misa.sepa import (local_affinity, neighbour_offsets, propagate, sepa_affinity,
                                  sepa_loss, sepa_pseudo_labels)
 
 
@@ -92,6 +92,11 @@ CENTRE = (1, 1)
 BOTTOM_RIGHT = 7
 
 
+def reweighted(features, k, c):
+    """S^c = K^c ⊙ S (MISA Eq. 11), written out: (N, D, H, W) features times class c's row of (C, D) ``k``."""
+    return features * k[c][None, :, None, None]
+
+
 def test_colour_affinity_of_the_centre_by_hand():
     assert neighbour_offsets([1])[BOTTOM_RIGHT] == (1, 1)
     a = local_affinity(IMAGE, [1])[0, :, 1, 1]
@@ -112,7 +117,7 @@ def test_one_propagation_step_of_the_centre_by_hand():
     features = torch.zeros(1, 2, 3, 3)
     features[0, 1, 2, 2] = 1.0                      # the bottom-right pixel differs in channel 1 only
     k = torch.tensor([[1.0, 0.0], [0.0, 2.0]])      # class 0 ignores channel 1, class 1 doubles it
-    feat0 = local_affinity(class_features(features, k, torch.tensor([0])), [1], per_channel_sigma=False)
+    feat0 = local_affinity(reweighted(features, k, 0), [1], per_channel_sigma=False)
     assert feat0[0, :, 1, 1].tolist() == pytest.approx([1.0] * 8)   # reweighted for class 0: all alike
     aff = sepa_affinity(color, feat0, balance=0.7)
     m = torch.zeros(1, 1, 3, 3)
@@ -124,7 +129,7 @@ def test_one_propagation_step_of_the_centre_by_hand():
     assert float(got) == pytest.approx(expected, rel=1e-3)
     # class 1: channel 1 holds seven 0 and one 2 around the centre (variance (7·0.25² + 1.75²) / 8 = 0.4375),
     # channel 0 is flat (variance 0): one σ² = 0.21875 for both; squared distances averaged over 2 channels
-    feat1 = local_affinity(class_features(features, k, torch.tensor([1])), [1], per_channel_sigma=False)
+    feat1 = local_affinity(reweighted(features, k, 1), [1], per_channel_sigma=False)
     f1 = math.exp(-(4 / 2) / 0.21875)
     assert float(feat1[0, BOTTOM_RIGHT, 1, 1]) == pytest.approx(f1, rel=1e-3)
     got1 = propagate(m, sepa_affinity(color, feat1, 0.7), [1], iterations=1)[0, 0, 1, 1]
@@ -138,12 +143,28 @@ def test_the_class_reweighting_changes_the_feature_affinity():
     g = torch.Generator().manual_seed(2)
     feats = torch.randn(1, 3, 6, 6, generator=g)
     k = torch.tensor([[1.0, 1.0, 1.0], [1.0, 4.0, 0.25]])
-    a0, a1 = (local_affinity(class_features(feats, k, torch.tensor([c])), [1, 2], per_channel_sigma=False)
+    a0, a1 = (local_affinity(reweighted(feats, k, c), [1, 2], per_channel_sigma=False)
               for c in (0, 1))
     assert (a0 - a1).abs().max() > 0.05
     # a uniform reweighting (all channels × 3) changes nothing: the affinity is scale-free
     a3 = local_affinity(feats * 3, [1, 2], per_channel_sigma=False)
     assert torch.allclose(a0, a3, atol=1e-4)
+
+
+def test_channel_weights_give_each_class_the_affinity_of_its_reweighted_features():
+    """The contraction over channels (G classes at once) equals Eq. 11–12 on each reweighted copy."""
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(2, 5, 7, 9, generator=g)
+    k = torch.randn(3, 5, generator=g)
+    weights = torch.stack([k[[0, 2]], k[[1, 1]]])                     # (N=2, G=2, D=5)
+    got = local_affinity(feats, [1, 3], per_channel_sigma=False, sigma_scale=0.1, channel_weights=weights)
+    assert got.shape == (2, 2, 16, 7, 9)
+    for n, classes in ((0, (0, 2)), (1, (1, 1))):
+        for j, c in enumerate(classes):
+            one = local_affinity(reweighted(feats[n:n + 1], k, c), [1, 3], per_channel_sigma=False, sigma_scale=0.1)
+            assert torch.allclose(got[n, j], one[0], atol=1e-5)
+    with pytest.raises(ValueError, match="per_channel_sigma"):
+        local_affinity(feats, [1], channel_weights=weights)
 
 
 def test_sepa_pseudo_labels_follow_the_class_of_each_mask():
@@ -156,10 +177,27 @@ def test_sepa_pseudo_labels_follow_the_class_of_each_mask():
     got = sepa_pseudo_labels(probs, rgb, feats, k, torch.tensor([0, 0]), torch.tensor([0, 1]), 0.7, [1, 2], 3)
     for row, c in ((0, 0), (1, 1)):
         aff = sepa_affinity(local_affinity(rgb, [1, 2]),
-                            local_affinity(class_features(feats, k, torch.tensor([c])), [1, 2],
+                            local_affinity(reweighted(feats, k, c), [1, 2],
                                            per_channel_sigma=False), 0.7)
         assert torch.allclose(got[row:row + 1], propagate(probs[row:row + 1], aff, [1, 2], 3), atol=1e-6)
     assert (got[0] - got[1]).abs().max() > 1e-3  # same mask, different classes: different pseudo labels
+
+
+def test_sepa_pseudo_labels_of_a_batch_match_each_mask_alone():
+    """Masks of two images and three (image, class) groups in mixed order: each pseudo label is that of the
+    mask alone with its own image, class and colour."""
+    g = torch.Generator().manual_seed(4)
+    rgb = torch.rand(2, 3, 8, 8, generator=g) * 255
+    feats = torch.randn(2, 4, 8, 8, generator=g)
+    k = torch.randn(5, 4, generator=g)
+    image, classes = torch.tensor([1, 0, 1, 0, 1]), torch.tensor([4, 2, 0, 2, 4])
+    probs = torch.rand(5, 1, 8, 8, generator=g)
+    got = sepa_pseudo_labels(probs, rgb, feats, k, image, classes, 0.7, [1, 2], 3, sigma_scale=0.1)
+    for p in range(5):
+        n = int(image[p])
+        alone = sepa_pseudo_labels(probs[p:p + 1], rgb[n:n + 1], feats[n:n + 1], k, torch.tensor([0]),
+                                   classes[p:p + 1], 0.7, [1, 2], 3, sigma_scale=0.1)
+        assert torch.allclose(got[p:p + 1], alone, atol=1e-6)
 
 
 def test_sepa_loss_is_the_l1_distance_inside_the_box_and_trains_only_the_prediction():
