@@ -20,7 +20,8 @@ docs/benchmarks.json / .md through :func:`sim_model.results.record_results`:
 
 - ``mask_AP`` / ``box_AP``: COCO segm / bbox AP (percent) of the free-running instance segmenter,
   from the evaluation at the end of training (detectron2's ``COCOEvaluator``; on a val split with more than
-  100 instances in an image the network's and COCOeval's detection caps are raised to that count);
+  100 instances in an image the network's and COCOeval's detection caps are raised to that count by
+  :func:`training.train.build_config`);
 - ``mIoU*``, ``AP*``, ``ms_per_box``, ``ms_per_image``: box→mask given the ground-truth boxes through the
   SIM predictor (:func:`training.evaluate.evaluate`, :func:`sim_model.evaluation.evaluate_box_to_mask`);
 - ``train_step_s``: median seconds per training step after the SIM gate (``MODEL.SIM.WARMUP_ITERS``;
@@ -53,7 +54,6 @@ from pycocotools.coco import COCO
 from sim_model.boxes import xywh_to_xyxy
 from sim_model.datasets import coco_mini_dir
 from sim_model.engines.sim import SIMBoxToMask
-from sim_model.evaluation import most_per_image
 from sim_model.results import load_results, record_results
 from training.curve import Split, dataset_splits
 from training.evaluate import evaluate, load_eval_model
@@ -91,14 +91,6 @@ def schedule_opts(config: str, iters: int | None) -> list[str]:
     steps = tuple(int(round(s * iters / cfg.SOLVER.MAX_ITER)) for s in cfg.SOLVER.STEPS)
     steps = tuple(s for s in steps if 0 < s < iters)
     return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", str(steps) if len(steps) != 1 else f"({steps[0]},)"]
-
-
-def detection_cap_opts(val_json: Path) -> list[str]:
-    """``MODEL.FCOS.POST_NMS_TOPK_TEST`` raised to the most instances of one val image when that exceeds the
-    config's 100 ([] otherwise), so that the free-running mask AP of crowded images (375 nuclei in
-    dsb2018) is not capped by the network nor by COCOeval (:meth:`training.train.Trainer.build_evaluator`)."""
-    most = most_per_image(json.loads(val_json.read_text())["annotations"])
-    return ["MODEL.FCOS.POST_NMS_TOPK_TEST", str(most)] if most > 100 else []
 
 
 def step_time(metrics_json: Path, after_iter: int) -> float | None:
@@ -192,7 +184,7 @@ def run_rung(rung: str, out: Path, train: Split, val: Split, key: str, iters: in
     run_dir = out / rung
     config, extra = RUNGS[rung]
     if not (skip_train and (run_dir / "model_final.pth").is_file()):
-        opts = schedule_opts(config, iters) + list(extra) + detection_cap_opts(val.json)
+        opts = schedule_opts(config, iters) + list(extra)
         if teacher is not None:
             opts += ["MODEL.MISA.TEACHER.CONFIG", str(teacher[0]), "MODEL.MISA.TEACHER.WEIGHTS", str(teacher[1])]
         _train(config, run_dir, train, val, opts)

@@ -41,6 +41,7 @@ from detectron2.utils.logger import setup_logger
 import sim_model.condinst  # noqa: F401  (registers CondInst and the backbones)
 from sim_model.config import get_sim_cfg
 from sim_model.datasets import coco_mini_dir, split_files
+from sim_model.evaluation import most_per_image
 from sim_model.misa.bsss import SemanticMIoUEvaluator
 from training.data import BoxOnlyDatasetMapper, register_coco
 
@@ -78,7 +79,10 @@ def build_config(config_file: str, opts: Optional[Sequence[str]] = None, *, trai
 
     With ``train_json``/``train_images`` the dataset is registered and becomes ``DATASETS.TRAIN``, and
     ``MODEL.FCOS.NUM_CLASSES`` is set to its number of categories (``opts`` are applied after, so an
-    explicit ``MODEL.FCOS.NUM_CLASSES`` wins); ``val_json``/``val_images`` likewise set ``DATASETS.TEST``.
+    explicit ``MODEL.FCOS.NUM_CLASSES`` wins); ``val_json``/``val_images`` likewise set ``DATASETS.TEST``,
+    and raise ``MODEL.FCOS.POST_NMS_TOPK_TEST`` to the most instances of one val image when that is more
+    (375 nuclei on a dsb2018-nuclei val image): the network and COCOeval (:meth:`Trainer.build_evaluator`)
+    then keep them all (``opts`` again win).
 
     Raises:
         FileNotFoundError: a given file or folder does not exist.
@@ -98,6 +102,9 @@ def build_config(config_file: str, opts: Optional[Sequence[str]] = None, *, trai
     if val_json is not None:
         name = register_coco(dataset_name("val", val_json, val_images), val_json, val_images)
         cfg.DATASETS.TEST = (name,)
+        with open(val_json) as f:
+            most = most_per_image(json.load(f).get("annotations", []))
+        cfg.MODEL.FCOS.POST_NMS_TOPK_TEST = max(cfg.MODEL.FCOS.POST_NMS_TOPK_TEST, most)
     if opts:
         cfg.merge_from_list(list(opts))
     _resolve_teacher_paths(cfg, os.path.dirname(os.path.abspath(config_file)))

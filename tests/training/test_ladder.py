@@ -1,28 +1,29 @@
-"""The ladder's per-dataset options (training.ladder) and the evaluator's detection cap (training.train)."""
+"""The ladder's rungs (training.ladder) and the detection cap of a crowded val split (training.train)."""
 from __future__ import annotations
 
 from sim_model.datasets import REPO_ROOT, shared_data_dir
 from training.curve import dataset_splits
-from training.data import register_coco
-from training.ladder import RUNGS, detection_cap_opts
+from training.ladder import RUNGS
 from training.train import Trainer, build_config
 
 
 def test_crowded_val_split_raises_the_detection_cap_on_both_sides():
-    """dsb2018-nuclei val holds an image with 375 nuclei (its README): the network and COCOeval must keep them
-    all; balloon's val split stays at the config's 100."""
+    """dsb2018-nuclei val holds an image with 375 nuclei (its README): given as the val split of a training,
+    the network and COCOeval keep them all; balloon's val split stays at the config's 100, and an explicit
+    option wins."""
     _, dsb_val = dataset_splits(shared_data_dir() / "dsb2018-nuclei")
     _, balloon_val = dataset_splits(shared_data_dir() / "balloon")
-    opts = detection_cap_opts(dsb_val.json)
-    assert opts == ["MODEL.FCOS.POST_NMS_TOPK_TEST", "375"]
-    assert detection_cap_opts(balloon_val.json) == []
-
-    cfg = build_config(str(REPO_ROOT / "configs/BoxInst_EffLite0_FPN_cpu.yaml"), opts)
-    name = register_coco("ladder_dsb_val", str(dsb_val.json), str(dsb_val.images))
-    evaluator = Trainer.build_evaluator(cfg, name, output_folder=None)
+    config = str(REPO_ROOT / "configs/BoxInst_EffLite0_FPN_cpu.yaml")
+    cfg = build_config(config, val_json=str(dsb_val.json), val_images=str(dsb_val.images))
+    assert cfg.MODEL.FCOS.POST_NMS_TOPK_TEST == 375
+    evaluator = Trainer.build_evaluator(cfg, cfg.DATASETS.TEST[0], output_folder=None)
     assert evaluator._max_dets_per_image == [1, 10, 375]
-    default = Trainer.build_evaluator(build_config(str(REPO_ROOT / "configs/BoxInst_EffLite0_FPN_cpu.yaml")), name)
-    assert default._max_dets_per_image == [1, 10, 100]
+    balloon = build_config(config, val_json=str(balloon_val.json), val_images=str(balloon_val.images))
+    assert balloon.MODEL.FCOS.POST_NMS_TOPK_TEST == 100
+    assert Trainer.build_evaluator(balloon, balloon.DATASETS.TEST[0])._max_dets_per_image == [1, 10, 100]
+    explicit = build_config(config, ["MODEL.FCOS.POST_NMS_TOPK_TEST", "50"], val_json=str(dsb_val.json),
+                            val_images=str(dsb_val.images))
+    assert explicit.MODEL.FCOS.POST_NMS_TOPK_TEST == 50
 
 
 def test_sim_misa_rung_takes_the_misa_recipes_deviations():
