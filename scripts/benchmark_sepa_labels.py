@@ -49,6 +49,8 @@ def label_ious(model, batch: dict) -> dict[str, list[float]]:
     """IoU with the ground truth of each positive's prediction and of its three pseudo labels (module
     docstring) for one mapped val image ``batch`` (``instances`` with ``gt_masks`` BitMasks)."""
     seen = {}
+    # the tensors of the real training step (positives, mask grid, downsampled RGB) are taken from inside it,
+    # so that this check cannot drift from what the loss sees
     real = condinst.CondInst._misa_losses
 
     def spy(self, raw, images, boxes, classes, out, prep, trained, mask_logits, box_grid_masks, it):
@@ -115,6 +117,11 @@ def measure(config: Path, weights: Path, teacher: Path, val, dilations: str) -> 
 
 
 def main(argv=None) -> int:
+    """Measure each ``--dilations`` variant, print it and (unless ``--no-write``) record it; returns 0.
+
+    Raises:
+        FileNotFoundError: the dataset's splits or a file of the ladder's run folder is missing.
+    """
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True, help="dataset folder with train/val splits")
     p.add_argument("--ladder", type=Path, required=True, help="the ladder's run folder (bsss/, misa_sepa/, boxinst/)")
