@@ -102,7 +102,7 @@ def build_config(config_file: str, opts: Optional[Sequence[str]] = None, *, trai
     if val_json is not None:
         name = register_coco(dataset_name("val", val_json, val_images), val_json, val_images)
         cfg.DATASETS.TEST = (name,)
-        with open(val_json) as f:
+        with open(val_json, encoding="utf-8") as f:
             most = most_per_image(json.load(f).get("annotations", []))
         cfg.MODEL.FCOS.POST_NMS_TOPK_TEST = max(cfg.MODEL.FCOS.POST_NMS_TOPK_TEST, most)
     if opts:
