@@ -45,7 +45,7 @@ from sim_model.losses.boxinst import (boxinst_losses, feature_similarity, pairwi
 from sim_model.misa.bsss import BoxSemSeg, load_semantic_teacher
 from sim_model.misa.fsd import FSDProjector, fsd_loss, standardize
 from sim_model.misa.sepa import sepa_loss, sepa_pseudo_labels
-from sim_model.modeling.box_queries import ImageFeatures
+from sim_model.modeling.box_queries import MaskGrid
 from sim_model.modeling.mask_head import aligned_bilinear, sample_mask_positives
 from sim_model.modeling.network import CondInstNet, build_condinst_net, to_rgb
 from sim_model.sim.copy_paste import MemoryBank, copy_paste_batch
@@ -361,9 +361,7 @@ class CondInst(nn.Module):
             loc = det["loc_index"]
             logits = self.net.mask_logits(out, torch.full_like(loc, i), loc)[:, 0]
             oh, ow = (x.get("height", h), x.get("width", w)) if do_postprocess else (h, w)
-            feats = ImageFeatures(out=out, net=self.net, mask_features=out.mask_feats[i], image_size=(h, w),
-                                  padded_size=tuple(images.tensor.shape[-2:]), mask_stride=self.mask_out_stride)
-            probs = feats.to_image(logits.sigmoid(), (oh, ow))
+            probs = MaskGrid(image_size=(h, w), mask_stride=self.mask_out_stride).to_image(logits.sigmoid(), (oh, ow))
             inst = Instances((oh, ow))
             bx = det["boxes"].clone()
             bx[:, 0::2] *= ow / w

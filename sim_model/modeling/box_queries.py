@@ -2,42 +2,35 @@
 
 The SIM engine answers a drawn box the way SIM builds its pseudo masks in training, from the
 locations that training would make positives of that box. Per image, :func:`image_features` runs the
-network once (the momentum teacher when the model has one, as in training); per box,
-:func:`positive_masks` finds those locations and runs the dynamic mask head on them (cheap).
+backbone, FPN and mask branch once (the momentum teacher when the model has one, as in training); per
+box, :func:`positive_masks` finds those locations, runs the FCOS head on their levels (each level once
+per image) and the dynamic mask head on them.
 :meth:`ImageFeatures.to_image_window` resamples maps from the mask grid to the pixels of one box of
 the original image, exactly as CondInst's postprocessing would over the whole image.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from sim_model.modeling.mask_head import aligned_bilinear
-from sim_model.modeling.network import CondInstNet, NetOutputs
+from sim_model.modeling.network import CondInstNet
 
 
 @dataclass
-class ImageFeatures:
-    """Everything computed once per image for the box→mask predictor (:func:`image_features`).
+class MaskGrid:
+    """The mask grid of one network input and its way back to image pixels (CondInst's postprocessing).
 
     Attributes:
-        out: the network pass on this one image (batch of 1).
-        net: the network that produced it (teacher copy or student).
-        mask_features: (D, Hm, Wm) float mask features Z at ``mask_stride`` (bilinear ×2 of the
-            stride-8 branch output), NOT L2-normalised (normalise along dim 0 for SIM Eq. 1).
-        image_size: (h, w) of the image given to :func:`image_features`, in pixels.
-        padded_size: (Hp, Wp) after padding; Hm = Hp / mask_stride.
-        mask_stride: the mask-output stride (4).
+        image_size: (h, w) of the (resized, unpadded) network input, in pixels.
+        mask_stride: the mask-output stride (4): the grid is (Hp / mask_stride, Wp / mask_stride) of the
+            padded input.
     """
 
-    out: NetOutputs
-    net: CondInstNet
-    mask_features: torch.Tensor
     image_size: tuple[int, int]
-    padded_size: tuple[int, int]
     mask_stride: int
 
     def _upsampled(self, maps: torch.Tensor) -> torch.Tensor:
@@ -83,6 +76,74 @@ class ImageFeatures:
         return resize_bilinear_window(x, output_size, (c0, r0, c1, r1))
 
 
+@dataclass
+class ImageFeatures(MaskGrid):
+    """Everything computed once per image for the box→mask predictor (:func:`image_features`), on the
+    image's :class:`MaskGrid`.
+
+    The FCOS head (box tower, regression, controller) runs lazily, one FPN level at a time, on the levels
+    that a queried box's positives lie on (:meth:`head_at`), and each level's outputs are kept: a box in a
+    close look lies on one or two levels, and P3 alone holds three quarters of the locations.
+
+    Attributes:
+        net: the network that produced it (teacher copy or student).
+        head_features: per FCOS level (``MODEL.FCOS.IN_FEATURES``) the (1, C, H_l, W_l) float FPN features.
+        locations: (L, 2) float (x, y) pixel coordinates of all levels' locations (the order of
+            :class:`~sim_model.modeling.fcos.HeadOutputs`).
+        levels: (L,) long FPN level of each location (0 = P3).
+        strides: (L,) float stride in pixels of each location's level.
+        mask_feats: (1, D, Hp/8, Wp/8) float mask-branch output (the dynamic mask head's input).
+        mask_features: (D, Hm, Wm) float mask features Z at ``mask_stride`` (bilinear ×2 of the
+            stride-8 branch output), NOT L2-normalised (normalise along dim 0 for SIM Eq. 1).
+        image_size: (h, w) of the image given to :func:`image_features`, in pixels (:class:`MaskGrid`).
+        padded_size: (Hp, Wp) after padding; Hm = Hp / mask_stride.
+        mask_stride: the mask-output stride (4) (:class:`MaskGrid`).
+    """
+
+    net: CondInstNet
+    head_features: list[torch.Tensor]
+    locations: torch.Tensor
+    levels: torch.Tensor
+    strides: torch.Tensor
+    mask_feats: torch.Tensor
+    mask_features: torch.Tensor
+    padded_size: tuple[int, int]
+    _head: dict = field(default_factory=dict, repr=False)
+
+    def head_at(self, loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The FCOS head's regressed boxes and controller outputs at some locations.
+
+        Runs :meth:`~sim_model.modeling.fcos.FCOSHead.forward_level` (no classification tower) on each
+        level of ``loc`` not yet computed for this image; the same values as the full head pass. Two
+        threads asking for the same new level both compute it (identical results, one is kept).
+
+        Args:
+            loc: (P,) long location indices (rows of ``locations``).
+
+        Returns:
+            boxes: (P, 4) float XYXY in pixels of the padded input; params: (P, G) float dynamic mask-head
+            parameters.
+        """
+        levels = self.levels[loc]
+        sizes = [f.shape[-2] * f.shape[-1] for f in self.head_features]
+        starts = [sum(sizes[:lvl]) for lvl in range(len(sizes))]
+        reg = self.locations.new_empty((loc.numel(), 4))
+        params = None
+        for lvl in levels.unique().tolist():
+            hit = self._head.get(lvl)
+            if hit is None:
+                _, r, _, top = self.net.fcos.head.forward_level(self.head_features[lvl], lvl, with_cls=False)
+                hit = (r[0].flatten(1).T, top[0].flatten(1).T)  # (H_l*W_l, 4), (H_l*W_l, G)
+                self._head[lvl] = hit
+            sel = levels == lvl
+            if params is None:
+                params = hit[1].new_empty((loc.numel(), hit[1].shape[1]))
+            reg[sel] = hit[0][loc[sel] - starts[lvl]]
+            params[sel] = hit[1][loc[sel] - starts[lvl]]
+        d = reg * self.strides[loc][:, None]
+        xy = self.locations[loc]
+        return torch.cat([xy - d[:, :2], xy + d[:, 2:]], dim=1), params
+
 def _source_weights(n_in: int, n_out: int, start: int, stop: int, device) -> tuple[torch.Tensor, ...]:
     """Source rows (or columns) and weights of output indices ``start … stop-1`` of a bilinear resize
     from ``n_in`` to ``n_out`` samples with ``align_corners=False`` (PyTorch's ``upsample_bilinear2d``)."""
@@ -121,7 +182,8 @@ def resize_bilinear_window(x: torch.Tensor, output_size: tuple[int, int],
 
 @torch.no_grad()
 def image_features(model, image: torch.Tensor, use_teacher: Optional[bool] = None) -> ImageFeatures:
-    """One network pass on one image for the box→mask predictor.
+    """The per-image part of a box query: backbone + FPN and the mask branch (the FCOS head runs per level
+    when a box needs it, :meth:`ImageFeatures.head_at`).
 
     Args:
         model: a ``CondInst`` (:mod:`sim_model.condinst`).
@@ -131,9 +193,9 @@ def image_features(model, image: torch.Tensor, use_teacher: Optional[bool] = Non
             it), else the student; False = the student.
 
     Returns:
-        :class:`ImageFeatures`; its head outputs have no class logits (``logits`` (1, L, 0)): a box→mask
-        query knows its box and label, so the classification tower is skipped (balloon's close look on one
-        CPU thread: 58 → 48 ms per box).
+        :class:`ImageFeatures`. A box→mask query knows its box and label: the classification tower is never
+        run (balloon's close look on one CPU thread: 58 → 48 ms per box), nor the head on the levels that
+        hold none of the box's positives.
 
     Raises:
         ValueError: image not (3, H, W).
@@ -146,13 +208,17 @@ def image_features(model, image: torch.Tensor, use_teacher: Optional[bool] = Non
     net.eval()
     try:
         images = model.preprocess_image([image])
-        out = net(images.tensor, with_cls=False)
+        features = net.backbone(images.tensor)
+        mask_feats = net.mask_branch([features[f] for f in net.mask_in_features])
     finally:
         net.train(was_training)
         if teacher is not None:
             teacher.model.eval()
-    z = aligned_bilinear(out.mask_feats, net.mask_head.mask_feat_stride // model.mask_out_stride)[0]
-    return ImageFeatures(out=out, net=net, mask_features=z, image_size=tuple(images.image_sizes[0]),
+    head_features = [features[f] for f in net.in_features]
+    locations, levels, strides = net.fcos.locations(head_features)
+    z = aligned_bilinear(mask_feats, net.mask_head.mask_feat_stride // model.mask_out_stride)[0]
+    return ImageFeatures(net=net, head_features=head_features, locations=locations, levels=levels, strides=strides,
+                         mask_feats=mask_feats, mask_features=z, image_size=tuple(images.image_sizes[0]),
                          padded_size=tuple(images.tensor.shape[-2:]), mask_stride=model.mask_out_stride)
 
 
@@ -170,21 +236,20 @@ def positive_masks(feats: ImageFeatures, box: torch.Tensor) -> tuple[torch.Tenso
     Returns:
         pred_boxes: (P, 4) float XYXY px; mask_logits: (P, Hm, Wm) float at ``feats.mask_stride``; P >= 1.
     """
-    head = feats.out.head
-    device = head.locations.device
+    device = feats.locations.device
     box = torch.as_tensor(box, dtype=torch.float32, device=device).reshape(4)
-    fcos = feats.net.fcos
-    _, _, idx = fcos.assign_targets_single(head.locations, head.levels, head.strides, box[None],
-                                           torch.zeros(1, dtype=torch.long, device=device))
+    _, _, idx = feats.net.fcos.assign_targets_single(feats.locations, feats.levels, feats.strides, box[None],
+                                                     torch.zeros(1, dtype=torch.long, device=device))
     loc = torch.nonzero(idx >= 0).squeeze(1)
     if loc.numel() == 0:
-        p3 = torch.nonzero(head.levels == 0).squeeze(1)
+        p3 = torch.nonzero(feats.levels == 0).squeeze(1)
         centre = (box[:2] + box[2:]) / 2
-        d = (head.locations[p3] - centre[None]).abs().sum(dim=1)
+        d = (feats.locations[p3] - centre[None]).abs().sum(dim=1)
         loc = p3[d.argmin()].reshape(1)
-    im = torch.zeros_like(loc)
-    logits = feats.net.mask_logits(feats.out, im, loc)[:, 0]
-    return head.boxes()[0][loc], logits
+    pred_boxes, params = feats.head_at(loc)
+    logits = feats.net.mask_head(feats.mask_feats, params, torch.zeros_like(loc), feats.locations[loc],
+                                 feats.levels[loc])[:, 0]
+    return pred_boxes, logits
 
 
-__all__ = ["ImageFeatures", "image_features", "positive_masks", "resize_bilinear_window"]
+__all__ = ["MaskGrid", "ImageFeatures", "image_features", "positive_masks", "resize_bilinear_window"]

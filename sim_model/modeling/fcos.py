@@ -176,21 +176,40 @@ class FCOSHead(nn.Module):
         """
         logits, bbox_reg, ctrness, top_feats = [], [], [], []
         for lvl, feature in enumerate(features):
-            feature = self.share_tower(feature)
-            box_t = self.bbox_tower(feature)
-            if with_cls or not self.centerness_on_reg:
-                cls_t = self.cls_tower(feature)
-                logits.append(self.cls_logits(cls_t))
-            else:
-                logits.append(feature.new_zeros((feature.shape[0], 0) + tuple(feature.shape[2:])))
-            ctrness.append(self.ctrness(box_t if self.centerness_on_reg else cls_t))
-            reg = self.bbox_pred(box_t)
-            if self.scales is not None:
-                reg = self.scales[lvl](reg)
-            bbox_reg.append(F.relu(reg))  # improved FCOS: ReLU on normalised distances
-            if self.controller is not None:
-                top_feats.append(self.controller(box_t))
+            lg, reg, ctr, top = self.forward_level(feature, lvl, with_cls=with_cls)
+            logits.append(lg)
+            bbox_reg.append(reg)
+            ctrness.append(ctr)
+            if top is not None:
+                top_feats.append(top)
         return logits, bbox_reg, ctrness, top_feats
+
+    def forward_level(self, feature: torch.Tensor, level: int, with_cls: bool = True):
+        """The head on one FPN level (the convolutions share their weights across levels, only the
+        regression ``Scale`` is per level).
+
+        Args:
+            feature: (N, Cin, H, W) float FPN features of level ``level`` (0 = P3).
+            with_cls: False skips the classification tower (see :meth:`forward`).
+
+        Returns:
+            (logits (N, C or 0, H, W), bbox_reg (N, 4, H, W) ≥ 0 in stride units, ctrness (N, 1, H, W),
+            top_feats (N, num_params, H, W) or None without a controller).
+        """
+        feature = self.share_tower(feature)
+        box_t = self.bbox_tower(feature)
+        if with_cls or not self.centerness_on_reg:
+            cls_t = self.cls_tower(feature)
+            logits = self.cls_logits(cls_t)
+        else:
+            logits = feature.new_zeros((feature.shape[0], 0) + tuple(feature.shape[2:]))
+        ctrness = self.ctrness(box_t if self.centerness_on_reg else cls_t)
+        reg = self.bbox_pred(box_t)
+        if self.scales is not None:
+            reg = self.scales[level](reg)
+        reg = F.relu(reg)  # improved FCOS: ReLU on normalised distances
+        top = self.controller(box_t) if self.controller is not None else None
+        return logits, reg, ctrness, top
 
 
 class FCOS(nn.Module):
@@ -224,14 +243,7 @@ class FCOS(nn.Module):
         ``with_cls=False``: no classification branch (``logits`` has 0 classes), see :class:`FCOSHead`.
         """
         logits, bbox_reg, ctrness, top_feats = self.head(features, with_cls=with_cls)
-        device = features[0].device
-        locs, levels, strides = [], [], []
-        for lvl, f in enumerate(features):
-            h, w = f.shape[-2:]
-            loc = compute_locations(h, w, self.strides[lvl], device)
-            locs.append(loc)
-            levels.append(torch.full((loc.shape[0],), lvl, dtype=torch.long, device=device))
-            strides.append(torch.full((loc.shape[0],), float(self.strides[lvl]), device=device))
+        locations, levels, strides = self.locations(features)
 
         def flat(xs):
             return torch.cat([x.permute(0, 2, 3, 1).reshape(x.shape[0], x.shape[2] * x.shape[3], x.shape[1])
@@ -241,7 +253,26 @@ class FCOS(nn.Module):
         return HeadOutputs(
             logits=flat(logits), bbox_reg=flat(bbox_reg), ctrness=flat(ctrness)[..., 0],
             top_feats=flat(top_feats) if top_feats else features[0].new_zeros((n, 0, 0)),
-            locations=torch.cat(locs), levels=torch.cat(levels), strides=torch.cat(strides))
+            locations=locations, levels=levels, strides=strides)
+
+    def locations(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The locations of all levels in :class:`HeadOutputs`' order (level-major, then row-major).
+
+        Args:
+            features: per level (N, C, H_l, W_l) (only their sizes and device are used).
+
+        Returns:
+            locations (L, 2) float (x, y) px, levels (L,) long (0 = P3), strides (L,) float px.
+        """
+        device = features[0].device
+        locs, levels, strides = [], [], []
+        for lvl, f in enumerate(features):
+            h, w = f.shape[-2:]
+            loc = compute_locations(h, w, self.strides[lvl], device)
+            locs.append(loc)
+            levels.append(torch.full((loc.shape[0],), lvl, dtype=torch.long, device=device))
+            strides.append(torch.full((loc.shape[0],), float(self.strides[lvl]), device=device))
+        return torch.cat(locs), torch.cat(levels), torch.cat(strides)
 
     # ------------------------------------------------------------------ targets
     def assign_targets_single(self, locations: torch.Tensor, levels: torch.Tensor, strides: torch.Tensor,

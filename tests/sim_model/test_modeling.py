@@ -121,10 +121,9 @@ def test_box_to_mask_api_positives_lie_in_the_box():
     assert pred_boxes.shape[0] == logits.shape[0] >= 1
     assert logits.shape[1:] == (hp // 4, wp // 4)
     # the positives are locations inside the box
-    head = feats.out.head
-    _, _, idx = model.net.fcos.assign_targets_single(head.locations, head.levels, head.strides, box[None],
+    _, _, idx = model.net.fcos.assign_targets_single(feats.locations, feats.levels, feats.strides, box[None],
                                                     torch.zeros(1, dtype=torch.long))
-    locs = head.locations[idx >= 0]
+    locs = feats.locations[idx >= 0]
     assert locs.shape[0] == logits.shape[0]
     assert bool(((locs[:, 0] > 40) & (locs[:, 0] < 200) & (locs[:, 1] > 30) & (locs[:, 1] < 180)).all())
     # a box smaller than a stride still gets one mask
@@ -235,8 +234,8 @@ def test_pseudo_loss_weights_and_prototype_assignment_keys_are_read():
 
 
 def test_box_window_resampling_equals_the_full_resize():
-    """ImageFeatures.to_image_window gives the pixels of to_image inside the window (box-local masks)."""
-    from sim_model.modeling.box_queries import ImageFeatures, resize_bilinear_window
+    """MaskGrid.to_image_window gives the pixels of to_image inside the window (box-local masks)."""
+    from sim_model.modeling.box_queries import MaskGrid, resize_bilinear_window
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(3, 37, 53, generator=g)
@@ -246,8 +245,7 @@ def test_box_window_resampling_equals_the_full_resize():
                                                                                 out_hw[1], out_hw[0])):
             torch.testing.assert_close(resize_bilinear_window(x, out_hw, (c0, r0, c1, r1)), full[:, r0:r1, c0:c1],
                                        atol=1e-5, rtol=0)
-    feats = ImageFeatures(out=None, net=None, mask_features=None, image_size=(30, 50), padded_size=(32, 64),
-                          mask_stride=4)
+    feats = MaskGrid(image_size=(30, 50), mask_stride=4)
     maps = torch.rand(2, 8, 16, generator=g)
     whole = feats.to_image(maps, (61, 97))
     torch.testing.assert_close(feats.to_image_window(maps, (61, 97), (10, 7, 40, 33)), whole[:, 7:33, 10:40],

@@ -207,10 +207,11 @@ def test_the_close_look_sees_only_the_window_around_each_box(sim_version_dir, mo
     assert len(sizes) == 1  # without it, one pass for the image
 
 
-def test_the_box_query_pass_skips_the_classification_tower_and_changes_no_mask(engine):
-    """:func:`image_features` runs the head without class logits; the positives' boxes and mask logits of a
-    real box equal those of the full pass (the one detectron2's inference and training run)."""
-    from sim_model.modeling.box_queries import ImageFeatures, image_features, positive_masks
+def test_the_box_query_runs_the_head_only_where_the_box_is_and_changes_no_mask(engine):
+    """:func:`image_features` runs no FCOS head; a box's query runs it (without the classification tower) on
+    the levels of its positives only, and the positives' boxes and mask logits of a real box equal those of
+    the full pass (the one detectron2's inference and training run)."""
+    from sim_model.modeling.box_queries import image_features, positive_masks
 
     img, boxes = _image()
     tf = engine.resize.get_transform(img)
@@ -218,14 +219,24 @@ def test_the_box_query_pass_skips_the_classification_tower_and_changes_no_mask(e
     resized = resized[:, :, ::-1] if engine.input_format == "BGR" else resized
     tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype(np.float32))
     fast = image_features(engine.model, tensor)
-    assert fast.out.head.logits.shape[-1] == 0
+    assert not fast._head
     net = fast.net.eval()
     with torch.no_grad():
         full_out = net(engine.model.preprocess_image([tensor]).tensor)
-    assert full_out.head.logits.shape[-1] == engine.model.num_classes
-    full = ImageFeatures(out=full_out, net=net, mask_features=fast.mask_features, image_size=fast.image_size,
-                         padded_size=fast.padded_size, mask_stride=fast.mask_stride)
+    head = full_out.head
+    assert head.logits.shape[-1] == engine.model.num_classes
+    torch.testing.assert_close(fast.locations, head.locations)
     box = torch.as_tensor(tf.apply_box(boxes[:1])[0], dtype=torch.float32)
-    (fast_boxes, fast_logits), (full_boxes, full_logits) = positive_masks(fast, box), positive_masks(full, box)
+    _, _, idx = net.fcos.assign_targets_single(head.locations, head.levels, head.strides, box[None],
+                                               torch.zeros(1, dtype=torch.long))
+    loc = torch.nonzero(idx >= 0).squeeze(1)
+    assert loc.numel() > 0
+    with torch.no_grad():
+        full_boxes, full_logits = head.boxes()[0][loc], net.mask_logits(full_out, torch.zeros_like(loc), loc)[:, 0]
+    fast_boxes, fast_logits = positive_masks(fast, box)
     torch.testing.assert_close(fast_boxes, full_boxes)
     torch.testing.assert_close(fast_logits, full_logits)
+    assert set(fast._head) == set(head.levels[loc].tolist()) and len(fast._head) < len(fast.head_features)
+    # a second box on the same image reuses the levels already computed, and the query stays exact
+    again_boxes, _ = positive_masks(fast, box)
+    torch.testing.assert_close(again_boxes, full_boxes)
