@@ -90,21 +90,39 @@ class ModelVersionError(RuntimeError):
     """A model version directory cannot be read (missing, unreadable or inconsistent file)."""
 
 
-def sim_model_version(version: str, refine: bool = False) -> str:
-    """The ``model_version`` Label Studio sees for a registry version, e.g. ``"v0003"`` → ``"sim-v0003"``,
-    ``"sim-v0003+refine"`` when the version serves its map refined by colour (:func:`serves_refined`)."""
-    return f"sim-{version}" + ("+refine" if refine else "")
+#: The colour steps a SIM version can serve on top of its map, in the order ``model_version`` names them:
+#: ``refine`` (GrabCut seeded from the map, ``TEST.REFINE``) and ``vote`` (the map votes with GrabCut from
+#: the rectangle, ``TEST.VOTE``). The retrain's gate measures each combination and records the best.
+ENGINE_STEPS = ("refine", "vote")
 
 
-def serves_refined(version_dir: str | os.PathLike) -> bool:
-    """Whether a version serves its map refined by GrabCut: ``metrics.json``'s ``engine.refine``, which
-    the retrain's gate writes (False when missing or unreadable)."""
+def sim_model_version(version: str, steps: Iterable[str] = ()) -> str:
+    """The ``model_version`` Label Studio sees for a registry version, e.g. ``"v0003"`` → ``"sim-v0003"``;
+    with the colour steps it serves (:data:`ENGINE_STEPS`, :func:`served_steps`) appended:
+    ``"sim-v0003+refine"``, ``"sim-v0003+vote"``, ``"sim-v0003+refine+vote"``.
+
+    Raises:
+        ValueError: an unknown step.
+    """
+    steps = set(steps)
+    unknown = steps - set(ENGINE_STEPS)
+    if unknown:
+        raise ValueError(f"unknown engine steps {sorted(unknown)}; known: {list(ENGINE_STEPS)}")
+    return f"sim-{version}" + "".join(f"+{s}" for s in ENGINE_STEPS if s in steps)
+
+
+def served_steps(version_dir: str | os.PathLike) -> tuple[str, ...]:
+    """The colour steps a version serves on top of its map: those marked true in ``metrics.json``'s
+    ``engine`` (e.g. ``{"refine": false, "vote": true}``), which the retrain's gate writes; () when the file
+    is missing or unreadable (the map alone). Ordered as :data:`ENGINE_STEPS`."""
     try:
         metrics = json.loads((Path(version_dir) / METRICS_FILE).read_text())
     except (OSError, ValueError):
-        return False
+        return ()
     engine = metrics.get("engine") if isinstance(metrics, dict) else None
-    return bool(engine.get("refine")) if isinstance(engine, dict) else False
+    if not isinstance(engine, dict):
+        return ()
+    return tuple(s for s in ENGINE_STEPS if engine.get(s) is True)
 
 
 def read_classes(path: str | os.PathLike) -> list[str]:
@@ -239,8 +257,8 @@ class ModelRegistry:
         return version
 
     def model_version(self, project: int | str, version: str) -> str:
-        """The ``model_version`` string of a version (:func:`sim_model_version`, ``+refine`` included)."""
-        return sim_model_version(version, serves_refined(self.version_dir(project, version)))
+        """The ``model_version`` string of a version (:func:`sim_model_version`, its colour steps included)."""
+        return sim_model_version(version, served_steps(self.version_dir(project, version)))
 
     def clear_current(self, project: int | str) -> None:
         """Atomically serve no version: the cold-start engine serves ``project`` again."""

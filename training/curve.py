@@ -6,15 +6,17 @@ Command line::
     python -m training.curve --data ../shared/data/balloon [--config configs/SIM_close_EffLite0_FPN_cpu.yaml]
         [--iters 1200] [--checkpoints 200,400,800,1200] [--aux-iters 400] [--fractions 0.25,0.5]
         [--masks 10,25,50,100]
-        [--runs full,fractions,masks] [--budget-min 120] [--threads 1] [--key balloon-val]
+        [--runs full,fractions,masks] [--engines map,refine,vote,refine+vote] [--budget-min 120] [--threads 1]
+        [--key balloon-val]
         [--work /tmp/curve-balloon] [--no-write] [KEY VALUE ...]
 
 Every run trains the recipe with ``python -m training.train`` in a subprocess (its CPU time is measured
 with ``getrusage``) on the dataset's train split, and evaluates box→mask on its val split
 (:func:`sim_model.evaluation.evaluate_box_to_mask`: mIoU per COCO size, mask AP with COCOeval,
-median ms per box) with two engines built on the checkpoint: the SIM map (``map``) and the map refined
-by GrabCut (``refine``); at the full run's last checkpoint also ``whole``, the same model without the
-close look (the ablation). Runs:
+median ms per box) with the engine variants built on the checkpoint (``--engines``): the SIM map
+(``map``), the map refined by GrabCut (``refine``), the map voting with GrabCut (``vote``) and both
+(``refine+vote``) (:mod:`sim_model.engines.sim`); at the full run's last checkpoint also ``whole``, the
+same model without the close look (the ablation). Runs:
 
 - ``full``: all train images, boxes only; evaluated at each of ``--checkpoints`` (the iteration curve);
 - ``fractions``: the first ``--fractions`` of the train images (a seeded shuffle), boxes only,
@@ -27,7 +29,7 @@ A run whose work folder holds a finished ``train_result.json`` is not trained ag
 built over several sessions); evaluations are cached in ``<work>/<run>/eval-<iteration>.json``.
 
 Rows written under ``--key`` of docs/benchmarks.json (:func:`sim_model.results.record_results`):
-``box`` and ``grabcut`` (references), ``learned`` (the better engine of the full run at the last
+``box`` and ``grabcut`` (references), ``learned`` (the best engine variant of the full run at the last
 checkpoint whose training fits ``--budget-min`` CPU minutes), ``learned_masks50`` (the same with 50
 corrected masks), and one row per curve point (``learned_<engine>@<it>``, ``learned_<engine>_f<pct>``,
 ``learned_<engine>_m<n>``), each with ``train_minutes_cpu``; a PNG per dataset, ``docs/curve-<key>.png``.
@@ -54,7 +56,9 @@ from sim_model.results import DOCS_JSON, record_results
 #: The rows kept in the docs table for each run (the per-box list is dropped).
 FIGURES = ("mIoU", "mIoU_small", "mIoU_medium", "mIoU_large", "AP", "AP50", "AP75", "ms_per_box", "ms_per_image",
            "n_boxes", "n_small", "n_medium", "n_large")
-ENGINES = ("map", "refine")
+#: The engine variants: the map alone and with the colour steps of :data:`sim_model.registry.ENGINE_STEPS`
+#: (the variants the retrain's gate chooses from).
+ENGINES = ("map", "refine", "vote", "refine+vote")
 #: Evaluated at the full run's last checkpoint only: the same model without the close look (one network
 #: pass on the whole image), the ablation of the close look.
 ABLATION = ("whole",)
@@ -171,8 +175,9 @@ def evaluate_checkpoint(out: Path, iteration: int, final_iter: int, val: Split, 
         cfg, model = load_eval_model(str(out / "config.yaml"), str(checkpoint_path(out, iteration, final_iter)),
                                      list(opts))
         for e in todo:
-            engine = SIMBoxToMask(model, cfg, names, model_version=f"curve-{e}", refine=(e == "refine"),
-                                  close_look=False if e == "whole" else None)
+            steps = e.split("+")
+            engine = SIMBoxToMask(model, cfg, names, model_version=f"curve-{e}", refine="refine" in steps,
+                                  vote="vote" in steps, close_look=False if e == "whole" else None)
             res = evaluate_box_to_mask(engine, val.json, val.images, progress=False)
             done[e] = {k: res[k] for k in FIGURES if k in res}
             cache.write_text(json.dumps(done, indent=2))
@@ -197,9 +202,9 @@ def reference_rows(val: Split, work: Path) -> dict[str, dict]:
     return rows
 
 
-def best_engine(figures: dict[str, dict]) -> str:
-    """The engine variant with the higher mIoU (the plain map on a tie)."""
-    return max(ENGINES, key=lambda e: (figures[e]["mIoU"], e == "map"))
+def best_engine(figures: dict[str, dict], engines: Sequence[str] = ENGINES) -> str:
+    """The engine variant among ``engines`` with the highest mIoU (ties: the first listed, fewer steps)."""
+    return max((e for e in engines if e in figures), key=lambda e: figures[e]["mIoU"])
 
 
 def plot(path: Path, key: str, curve: list[dict], fractions: list[dict], masks: list[dict], refs: dict) -> None:
@@ -213,7 +218,7 @@ def plot(path: Path, key: str, curve: list[dict], fractions: list[dict], masks: 
               ("corrected masks", masks, "n_masks")]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
     for ax, (title, points, x) in zip(axes, panels):
-        for e, style in (("map", "o-"), ("refine", "s--")):
+        for e, style in (("map", "o-"), ("refine", "s--"), ("vote", "^-"), ("refine+vote", "v--")):
             pts = sorted((p[x], p[e]["mIoU"]) for p in points if e in p)
             if pts:
                 ax.plot([a for a, _ in pts], [b for _, b in pts], style, label=f"SIM {e}")
@@ -243,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fractions", default="0.25,0.5", help="fractions of the train images (boxes only)")
     p.add_argument("--masks", default="10,25,50,100", help="numbers of corrected masks (all images)")
     p.add_argument("--runs", default="full,fractions,masks", help="which runs to train and evaluate now")
+    p.add_argument("--engines", default=",".join(ENGINES), help=f"engine variants among {','.join(ENGINES)}")
     p.add_argument("--budget-min", type=float, default=120.0, help="CPU minutes the learned row may train")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     p.add_argument("--key", default=None, help="table key in docs/benchmarks.json (default <dataset>-<val split>)")
@@ -256,13 +262,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         fractions = [float(x) for x in args.fractions.split(",") if x]
         masks = [int(x) for x in args.masks.split(",") if x]
         runs = set(args.runs.split(","))
+        engines_asked = tuple(e for e in ENGINES if e in args.engines.split(","))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if len(args.opts) % 2 or not checkpoints or checkpoints[-1] > args.iters or runs - {"full", "fractions", "masks"} \
-            or (args.aux_iters is not None and args.aux_iters not in checkpoints):
+            or set(args.engines.split(",")) - set(ENGINES) or not engines_asked or (args.aux_iters is not None and args.aux_iters not in checkpoints):
         print("error: KEY VALUE pairs, checkpoints <= --iters, --aux-iters among the checkpoints, runs among "
-              "full,fractions,masks", file=sys.stderr)
+              f"full,fractions,masks, engines among {','.join(ENGINES)}", file=sys.stderr)
         return 2
     name = args.data.resolve().name
     key = args.key or f"{name}-{val.name}"
@@ -284,13 +291,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         args.opts)
         points = []
         for it in evaluate_at:
-            engines = ENGINES + (ABLATION if ablation and it == evaluate_at[-1] else ())
+            engines = engines_asked + (ABLATION if ablation and it == evaluate_at[-1] else ())
             figs = evaluate_checkpoint(out, it, iters, val, engines, opts=args.opts)
             point = {"iterations": it, "train_minutes_cpu": rec["cpu_s"] / 60.0 * it / rec["iterations"],
                      "n_train_images": counts["images"], "n_train_boxes": counts["boxes"],
                      "n_masks": counts["masks"], **figs}
-            print(f"[curve] {tag} @{it}: map {figs['map']['mIoU']:.4f}, refine {figs['refine']['mIoU']:.4f} "
-                  f"({point['train_minutes_cpu']:.0f} CPU min)", flush=True)
+            print(f"[curve] {tag} @{it}: " + ", ".join(f"{e} {figs[e]['mIoU']:.4f}" for e in engines)
+                  + f" ({point['train_minutes_cpu']:.0f} CPU min)", flush=True)
             points.append(point)
         return points
 
@@ -309,15 +316,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         record_results(key, name_, row, command)
     rows: dict[str, dict] = {}
     for q in curve:
-        for e in ENGINES + ABLATION:
+        for e in engines_asked + ABLATION:
             if e in q:
                 rows[f"learned_{e}@{q['iterations']}"] = q
     n_all = len(json.loads(train.json.read_text())["images"])
     for q in by_fraction:
-        for e in ENGINES:
+        for e in engines_asked:
             rows[f"learned_{e}_f{round(100 * q['n_train_images'] / n_all)}"] = q
     for q in by_masks:
-        for e in ENGINES:
+        for e in engines_asked:
             rows[f"learned_{e}_m{q['n_masks']}"] = q
     fitting = [q for q in curve if q["train_minutes_cpu"] <= args.budget_min]
     if fitting:
@@ -327,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows["learned_masks50"] = fifty[0]
     for row_name, q in rows.items():
         e = row_name.split("_")[1].split("@")[0] if row_name.startswith(
-            tuple(f"learned_{x}" for x in ENGINES + ABLATION)) else best_engine(q)
+            tuple(f"learned_{x}" for x in ENGINES + ABLATION)) else best_engine(q, engines_asked)
         meta = {k: q[k] for k in ("iterations", "train_minutes_cpu", "n_train_images", "n_train_boxes", "n_masks")}
         record_results(key, row_name, {**q[e], **meta, "engine": e}, command)
     plot(REPO_ROOT / "docs" / f"curve-{key}.png", key, curve, by_fraction, by_masks, refs)

@@ -14,9 +14,9 @@ and decode, and for a whole-image engine its network pass), "further box" every 
 go to docs/benchmarks.json under ``interactive-<dataset>-<split>`` (targets: first ≤ 300 ms, further ≤ 50
 ms on 2 cores).
 
-Engines: ``grabcut`` (the cold start), ``map`` and ``refine`` (the SIM version in ``--version-dir``,
-without and with the GrabCut refinement), ``whole`` (that version without the close look: one network
-pass per image).
+Engines: ``grabcut`` (the cold start); ``map``, ``refine``, ``vote`` and ``refine+vote`` (the SIM version
+in ``--version-dir`` alone and with its colour steps, :mod:`sim_model.engines.sim`); ``whole`` (that
+version's map without the close look: one network pass per image).
 """
 from __future__ import annotations
 
@@ -37,6 +37,10 @@ from sim_backend.settings import Settings
 from sim_model.datasets import coco_mini_dir, split_files
 from sim_model.engines import cold_start_engine, version_engine
 from sim_model.results import record_results
+
+#: The engines measured: the cold start, a SIM version's map with each combination of colour steps, and
+#: its map without the close look.
+ENGINES = ("grabcut", "map", "refine", "vote", "refine+vote", "whole")
 
 
 def _config(labels: Sequence[str]) -> str:
@@ -87,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.interactive_benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=None, help="dataset folder (default coco-mini)")
     p.add_argument("--split", default="val2017")
-    p.add_argument("--version-dir", type=Path, default=None, help="a SIM model version (for map/refine/whole)")
+    p.add_argument("--version-dir", type=Path, default=None, help="a SIM model version (for every engine but grabcut)")
     p.add_argument("--engines", default="grabcut,map,refine")
     p.add_argument("--images", type=int, default=20)
     p.add_argument("--boxes", type=int, default=6)
@@ -101,9 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     json_file, images = split_files(root, args.split)
     engines = [e for e in args.engines.split(",") if e]
     if not json_file.is_file() or (set(engines) - {"grabcut"} and args.version_dir is None) or \
-            set(engines) - {"grabcut", "map", "refine", "whole"}:
-        print("error: a dataset split with annotations, --version-dir for map/refine/whole, engines among "
-              "grabcut,map,refine,whole", file=sys.stderr)
+            set(engines) - set(ENGINES):
+        print("error: a dataset split with annotations, --version-dir for the SIM engines, engines among "
+              + ",".join(ENGINES), file=sys.stderr)
         return 2
     key = f"interactive-{root.resolve().name}-{args.split}"
     command = "python -m training.interactive_benchmark " + shlex.join(list(argv if argv is not None else sys.argv[1:]))
@@ -111,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "grabcut":
             engine = cold_start_engine()
         else:
-            engine = version_engine(args.version_dir, refine=(name == "refine"))
+            engine = version_engine(args.version_dir, steps=() if name in ("map", "whole") else name.split("+"))
             engine.close_look = engine.close_look and name != "whole"
         row = measure(engine, json_file, images, args.images, args.boxes)
         print(f"{key} {name} ({engine.model_version}): first box {row['first_box_ms']:.0f} ms, further boxes "

@@ -5,12 +5,13 @@
 (:meth:`sim_model.registry.ModelRegistry.create_version`); the validation of the new version runs on
 the temporary directory, so ``metrics.json`` is complete when the version appears.
 :func:`validate_against_served` is that validation: box→mask mIoU / AP on the held-out annotator masks
-for the new version's map and its map refined by colour (the better one is recorded as what the
-version serves: ``metrics["engine"]["refine"]``), for GrabCut and for the engine served now, all on the
-same masks; the gate (:meth:`sim_model.registry.ModelRegistry.publish`) then decides what serves.
+for the new version's map with each combination of its colour steps (``refine``, ``vote``; the best is
+recorded as what the version serves: ``metrics["engine"]``), for GrabCut and for the engine served now, all
+on the same masks; the gate (:meth:`sim_model.registry.ModelRegistry.publish`) then decides what serves.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import time
@@ -22,7 +23,7 @@ from detectron2.config import CfgNode
 from sim_model.engines import cold_start_engine, served_engine, version_engine
 from sim_model.evaluation import evaluate_box_to_mask
 from sim_model.files import atomic_write_text
-from sim_model.registry import (CLASSES_FILE, CONFIG_FILE, METRICS_FILE, TEACHER_CONFIG_FILE, TEACHER_WEIGHTS_FILE,
+from sim_model.registry import (CLASSES_FILE, CONFIG_FILE, ENGINE_STEPS, METRICS_FILE, TEACHER_CONFIG_FILE, TEACHER_WEIGHTS_FILE,
                                 TRAIN_LOG_FILE, WEIGHTS_FILE, ModelRegistry, jsonable)
 
 
@@ -38,8 +39,8 @@ def evaluation_summary(ev: dict) -> dict:
 def validate_against_served(version_dir: Path, version: str, registry: ModelRegistry, project: str,
                             val_json: Path, image_dir: Path, say: Callable[[str], None]) -> dict:
     """The gate's measurements on the held-out annotator masks, all on the same masks: the new version's
-    map and its map refined by GrabCut (the better one is what the version serves), GrabCut alone, and
-    the engine served now.
+    map alone and with each combination of its colour steps (:data:`sim_model.registry.ENGINE_STEPS`; the
+    best is what the version serves, ties to the fewer steps), GrabCut alone, and the engine served now.
 
     Args:
         version_dir: the new version's (temporary) directory.
@@ -49,18 +50,21 @@ def validate_against_served(version_dir: Path, version: str, registry: ModelRegi
         say: progress lines.
 
     Returns:
-        ``{"val": the served variant's figures, "variants": {"map": …, "refine": …}, "engine": {"refine":
-        bool}, "grabcut": GrabCut's figures, "baseline": the served engine's figures (+ "version")}``.
+        ``{"val": the served variant's figures, "variants": {"map": …, "refine": …, "vote": …, "refine+vote":
+        …}, "engine": {"refine": bool, "vote": bool}, "grabcut": GrabCut's figures, "baseline": the served
+        engine's figures (+ "version")}``.
     """
     def measure(engine) -> dict:
         return evaluation_summary(evaluate_box_to_mask(engine, val_json, image_dir, progress=False))
 
-    variants = {}
-    for name, refine in (("map", False), ("refine", True)):
-        engine = version_engine(version_dir, version=version, refine=refine)
-        say(f"evaluating {engine.model_version} on the annotator masks")
-        variants[name] = measure(engine)
-    best = max(variants, key=lambda n: variants[n]["mIoU"])  # ties: the plain map (listed first)
+    variants, steps_of = {}, {}
+    for k in range(len(ENGINE_STEPS) + 1):  # fewer steps first
+        for steps in itertools.combinations(ENGINE_STEPS, k):
+            name = "+".join(steps) or "map"
+            engine = version_engine(version_dir, version=version, steps=steps)
+            say(f"evaluating {engine.model_version} on the annotator masks")
+            variants[name], steps_of[name] = measure(engine), steps
+    best = max(variants, key=lambda n: variants[n]["mIoU"])  # ties: the first listed (fewer steps)
     say("evaluating GrabCut (the cold start) on the same masks")
     grabcut = measure(cold_start_engine())
     base_engine = served_engine(registry, project, on_error=lambda e: say(
@@ -71,10 +75,11 @@ def validate_against_served(version_dir: Path, version: str, registry: ModelRegi
         say(f"evaluating the served engine ({base_engine.model_version}) on the same masks")
         baseline = measure(base_engine)
     baseline["version"] = registry.current_version(project)
-    say(f"{version}: map mIoU {variants['map']['mIoU']:.4f}, +refine {variants['refine']['mIoU']:.4f} "
-        f"(serves {'+refine' if best == 'refine' else 'the map'}); GrabCut {grabcut['mIoU']:.4f}; "
+    say(f"{version}: " + ", ".join(f"{n} mIoU {v['mIoU']:.4f}" for n, v in variants.items())
+        + f" (serves {'the map' if best == 'map' else '+' + best}); GrabCut {grabcut['mIoU']:.4f}; "
         f"served {baseline['mIoU']:.4f}")
-    return {"val": variants[best], "variants": variants, "engine": {"refine": best == "refine"},
+    return {"val": variants[best], "variants": variants,
+            "engine": {s: s in steps_of[best] for s in ENGINE_STEPS},
             "grabcut": grabcut, "baseline": baseline}
 
 

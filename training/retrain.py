@@ -28,12 +28,13 @@ own progress):
    dropping at ``RETRAIN.LR_STEPS`` of them. When the class map has grown since the current version,
    only its weights are loaded, the class rows grown (:func:`sim_model.checkpoint.grow_class_rows`),
    and the schedule restarts;
-5. evaluate — box→mask mIoU and AP on the held-out masks, for the new version's map and its map refined
-   by GrabCut, for GrabCut and for the engine served now, on the same masks
+5. evaluate — box→mask mIoU and AP on the held-out masks, for the new version's map alone and with each
+   combination of its colour steps (refined by GrabCut, voting with GrabCut), for GrabCut and for the
+   engine served now, on the same masks
    (:func:`training.publish.validate_against_served`);
 6. publish — write the version (:func:`training.publish.write_version`) and switch ``CURRENT`` if the
    quality gate passes (:meth:`sim_model.registry.ModelRegistry.publish`, ``--tolerance``): the best of
-   the new version (served as its better variant, ``model_version`` e.g. ``sim-v0004+refine``), the
+   the new version (served as its best variant, ``model_version`` e.g. ``sim-v0004+vote``), the
    served engine and GrabCut serves;
 7. scores — S_k of every box of the project with the new version into ``scores.sqlite``
    (:func:`training.scores.compute_scores`).

@@ -11,11 +11,11 @@ cold-start engine. The backend adds caching and hot reload around the same two b
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Iterable
 
 from sim_model.box_to_mask import BoxToMask
 from sim_model.engines.grabcut import GrabCutBoxToMask
-from sim_model.registry import ModelRegistry, ModelVersionError, serves_refined, sim_model_version
+from sim_model.registry import ModelRegistry, ModelVersionError, served_steps, sim_model_version
 
 
 def cold_start_engine() -> BoxToMask:
@@ -24,7 +24,7 @@ def cold_start_engine() -> BoxToMask:
 
 
 def version_engine(version_dir: str | os.PathLike, device: str = "cpu", version: str | None = None,
-                   refine: bool | None = None) -> BoxToMask:
+                   steps: Iterable[str] | None = None) -> BoxToMask:
     """The SIM engine of one registry version directory.
 
     Args:
@@ -32,18 +32,20 @@ def version_engine(version_dir: str | os.PathLike, device: str = "cpu", version:
         device: torch device.
         version: the version's name when the directory does not bear it yet (a version being written);
             default the directory's name. The engine reports :func:`sim_model.registry.sim_model_version` of it.
-        refine: serve the map refined by GrabCut; None = what the version's gate chose
-            (:func:`sim_model.registry.serves_refined`).
+        steps: the colour steps on top of the map (:data:`sim_model.registry.ENGINE_STEPS`: "refine", "vote");
+            None = what the version's gate chose (:func:`sim_model.registry.served_steps`).
 
     Raises:
         sim_model.registry.ModelVersionError: the version cannot be loaded.
+        ValueError: an unknown step.
     """
     # torch and detectron2 load only when a trained version is served (a cold-start backend starts fast)
     from sim_model.engines.sim import SIMBoxToMask
 
-    refine = serves_refined(version_dir) if refine is None else bool(refine)
-    engine = SIMBoxToMask.from_version_dir(version_dir, device=device, refine=refine)
-    engine.model_version = sim_model_version(version or os.path.basename(os.path.normpath(version_dir)), refine)
+    steps = served_steps(version_dir) if steps is None else tuple(steps)
+    name = sim_model_version(version or os.path.basename(os.path.normpath(version_dir)), steps)  # checks steps
+    engine = SIMBoxToMask.from_version_dir(version_dir, device=device, refine="refine" in steps, vote="vote" in steps)
+    engine.model_version = name
     return engine
 
 

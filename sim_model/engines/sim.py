@@ -22,9 +22,16 @@ Where the network looks:
 The network's outputs of the last few views (keyed by their content) are kept, so a box asked again —
 or, without the close look, any box drawn later on the same image — skips the network pass.
 
-**Refinement** (``refine``, ``TEST.REFINE.*``): M̂_prob seeds GrabCut inside the box
-(:meth:`sim_model.engines.grabcut.GrabCutBoxToMask.refine`); the colour model sharpens the learned
-prior. A degenerate GrabCut keeps M̂_prob. S_k stays the map's.
+Colour steps on top of the map (S_k stays the map's):
+
+- **refinement** (``refine``, ``TEST.REFINE.*``): M̂_prob seeds GrabCut inside the box
+  (:meth:`sim_model.engines.grabcut.GrabCutBoxToMask.refine`); the colour model sharpens the learned
+  prior. A degenerate GrabCut keeps M̂_prob.
+- **vote** (``vote``, ``TEST.VOTE.*``): the mask is w·M̂_prob + (1 − w)·mean(G), G the masks of GrabCut
+  from the rectangle (the cold start, :func:`sim_model.engines.cold_start_engine`) and, with ``refine``,
+  the refined mask; w = ``TEST.VOTE.MAP_WEIGHT``. Where the map and GrabCut disagree, the more certain
+  one wins: the learned prior corrects GrabCut where it is sure, and GrabCut keeps the boundary where
+  the map hesitates.
 
 A label that the model has never seen (absent from ``classes.json``, or a class whose prototypes were
 never updated, or a model trained without SIM) uses M_I alone.
@@ -32,7 +39,7 @@ never updated, or a model trained without SIM) uses M_I alone.
 The hyperparameters come from the version's ``config.yaml``: ``MODEL.SIM.INSTANCE_MAP_MU`` (µ),
 ``MODEL.SIM.RECTIFY_ALPHA`` (α), ``MODEL.SIM.PROTOTYPES.TEMPERATURE`` (τ),
 ``MODEL.SIM.THRESH_LOW`` / ``MODEL.SIM.THRESH_HIGH`` (τ_low / τ_high), the resize keys above and
-``TEST.REFINE.*``; the constructor's keyword arguments override them.
+``TEST.REFINE.*``, ``TEST.VOTE.*``; the constructor's keyword arguments override them.
 """
 from __future__ import annotations
 
@@ -51,6 +58,7 @@ from detectron2.data import transforms as T
 from sim_model.box_to_mask import BoxToMask
 from sim_model.boxes import box_pixel_bounds, context_window
 from sim_model.checkpoint import load_version_model
+from sim_model.engines import cold_start_engine
 from sim_model.engines.grabcut import GrabCutBoxToMask
 from sim_model.modeling.box_queries import ImageFeatures, image_features, positive_masks
 from sim_model.registry import ModelVersionError, sim_model_version
@@ -69,16 +77,19 @@ class SIMBoxToMask(BoxToMask):
             ``PROTOTYPES.TEMPERATURE``, ``THRESH_LOW``, ``THRESH_HIGH``.
         close_look: override ``INPUT.BOX_CROP.ENABLED`` (run the network on a window around each box).
         refine: override ``TEST.REFINE.ENABLED`` (GrabCut seeded from the map).
+        vote: override ``TEST.VOTE.ENABLED`` (the map votes with GrabCut).
+        map_weight: override ``TEST.VOTE.MAP_WEIGHT`` (the map's weight in the vote, in [0, 1]).
         feature_cache_size: how many views' network outputs to keep for later boxes (0 = none).
 
     Raises:
         ModelVersionError: more class names than the model has classes.
+        ValueError: a map weight outside [0, 1].
     """
 
     def __init__(self, model, cfg, class_names: Sequence[str], model_version: str, *, mu: float | None = None,
                  alpha: float | None = None, tau: float | None = None, tau_low: float | None = None,
                  tau_high: float | None = None, close_look: bool | None = None, refine: bool | None = None,
-                 feature_cache_size: int = 4):
+                 vote: bool | None = None, map_weight: float | None = None, feature_cache_size: int = 4):
         s = cfg.MODEL.SIM
         num_classes = cfg.MODEL.FCOS.NUM_CLASSES
         if len(class_names) > num_classes:
@@ -103,6 +114,12 @@ class SIMBoxToMask(BoxToMask):
         self.refine = bool(r.ENABLED if refine is None else refine)
         self.refine_low, self.refine_high = float(r.THRESH_LOW), float(r.THRESH_HIGH)
         self.refiner = GrabCutBoxToMask(iterations=int(r.ITERATIONS))
+        v = cfg.TEST.VOTE
+        self.vote = bool(v.ENABLED if vote is None else vote)
+        self.map_weight = float(v.MAP_WEIGHT if map_weight is None else map_weight)
+        if not 0.0 <= self.map_weight <= 1.0:
+            raise ValueError(f"the map's weight in the vote must be in [0, 1], got {self.map_weight}")
+        self.voter = cold_start_engine()
         self.feature_cache_size = max(0, int(feature_cache_size))
         self._cache: OrderedDict[tuple, tuple] = OrderedDict()
         self._cache_lock = threading.Lock()
@@ -169,7 +186,8 @@ class SIMBoxToMask(BoxToMask):
 
     @torch.no_grad()
     def _predict(self, image: np.ndarray, boxes: np.ndarray, labels: list[str]) -> tuple[list[np.ndarray], np.ndarray]:
-        """M̂_prob of each box over its pixel bounds (refined when ``refine``) and S_k (module docstring).
+        """M̂_prob of each box over its pixel bounds (after the colour steps ``refine`` / ``vote``) and S_k
+        (module docstring).
 
         Returns:
             crops: N float32 masks in [0, 1] over each box's pixel bounds; scores: (N,) float32 S_k.
@@ -196,12 +214,30 @@ class SIMBoxToMask(BoxToMask):
                 tau=self.tau, tau_low=self.tau_low, tau_high=self.tau_high,
                 resample=lambda m, b=window, v=(y1 - y0, x1 - x0): feats.to_image_window(m, v, b).clamp_(0.0, 1.0))
             prob = pm.prob[0].cpu().numpy().astype(np.float32)
-            if self.refine:
-                refined = self.refiner.refine(image, box, prob, self.refine_low, self.refine_high)
-                prob = prob if refined is None else refined
-            crops.append(prob)
+            crops.append(self._colour_steps(image, box, prob))
             scores[k] = float(pm.score[0])
         return crops, scores
+
+    def _colour_steps(self, image: np.ndarray, box: np.ndarray, prob: np.ndarray) -> np.ndarray:
+        """The refinement and the vote (module docstring) on one box's map.
+
+        Args:
+            image: (H, W, 3) uint8 RGB; box: (4,) float XYXY in pixels, clipped to the image.
+            prob: (r1 - r0, c1 - c0) float32 M̂_prob in [0, 1] over the box's pixel bounds.
+
+        Returns:
+            the served (r1 - r0, c1 - c0) float32 mask in [0, 1].
+        """
+        out = prob
+        voters = []
+        if self.refine:
+            refined = self.refiner.refine(image, box, prob, self.refine_low, self.refine_high)
+            out = prob if refined is None else refined
+            voters.append(out)
+        if self.vote:
+            voters.append(self.voter.segment_box(image, box)[0])
+            out = self.map_weight * prob + (1.0 - self.map_weight) * np.mean(voters, axis=0)
+        return out.astype(np.float32)
 
 
 __all__ = ["SIMBoxToMask"]

@@ -67,3 +67,31 @@ def test_a_prior_without_foreground_keeps_the_map_and_bad_arguments_raise():
         engine.refine(image, box, np.zeros((3, 3), np.float32), 0.1, 0.9)
     with pytest.raises(ValueError, match="thresh"):
         engine.refine(image, box, np.zeros((r1 - r0, c1 - c0), np.float32), 0.6, 0.9)
+
+
+def test_the_vote_weighs_the_map_against_grabcut_and_the_refined_mask(sim_version_dir):
+    from sim_model.engines import cold_start_engine
+    from sim_model.engines.sim import SIMBoxToMask
+
+    image, truth, box = _scene(2)
+    c0, r0, c1, r1 = box_pixel_bounds(box, image.shape[:2])
+    # a map that is sure of the object's core, hesitant at its rim and wrongly sure of one corner
+    prior = cv2.GaussianBlur(truth.astype(np.float32), (0, 0), 4)[r0:r1, c0:c1]
+    prior[:20, :20] = 1.0
+    grabcut = cold_start_engine().segment_box(image, box)[0]
+    vote = SIMBoxToMask.from_version_dir(sim_version_dir, vote=True, refine=False, map_weight=0.65)
+    out = vote._colour_steps(image, box, prior)
+    np.testing.assert_allclose(out, 0.65 * prior + 0.35 * grabcut, atol=1e-6)
+    # where the two disagree, the map wins only where it is sure: GrabCut's background under the wrongly
+    # sure corner becomes foreground, GrabCut's foreground under a hesitant map (>= 0.23) stays
+    corner = (grabcut[:20, :20] < 0.5)
+    assert corner.any() and (out[:20, :20][corner] >= 0.5).all()
+    hesitant = (grabcut >= 1.0) & (prior >= 0.25) & (prior < 0.5)
+    assert hesitant.any() and (out[hesitant] >= 0.5).all()
+    both = SIMBoxToMask.from_version_dir(sim_version_dir, vote=True, refine=True, map_weight=0.5)
+    refined = both.refiner.refine(image, box, prior, both.refine_low, both.refine_high)
+    assert refined is not None
+    np.testing.assert_allclose(both._colour_steps(image, box, prior), 0.5 * prior + 0.25 * (grabcut + refined),
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="weight"):
+        SIMBoxToMask.from_version_dir(sim_version_dir, vote=True, map_weight=1.5)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from sim_model.registry import FileLock, LockHeld, ModelRegistry, ProjectLock, adopt_lock
+from sim_model.registry import FileLock, LockHeld, ModelRegistry, ProjectLock, adopt_lock, sim_model_version
 
 
 def _write_version(reg: ModelRegistry, project, metrics: dict | None = None) -> str:
@@ -229,9 +229,15 @@ def test_the_gate_serves_the_best_of_the_new_version_the_served_one_and_grabcut(
     assert reg.read_metrics(5, v3)["publish"]["cold_start"] is True
 
 
-def test_a_version_that_serves_its_refined_map_says_so_in_its_model_version(tmp_path):
+def test_a_version_that_serves_colour_steps_says_so_in_its_model_version(tmp_path):
     reg = ModelRegistry(tmp_path)
-    v1 = _write_version(reg, 6, {"engine": {"refine": True}})
+    v1 = _write_version(reg, 6, {"engine": {"refine": True}})  # written before the vote existed
     v2 = _write_version(reg, 6, {"engine": {"refine": False}})
     v3 = _write_version(reg, 6, {})
-    assert [reg.model_version(6, v) for v in (v1, v2, v3)] == ["sim-v0001+refine", "sim-v0002", "sim-v0003"]
+    v4 = _write_version(reg, 6, {"engine": {"refine": False, "vote": True}})
+    v5 = _write_version(reg, 6, {"engine": {"vote": True, "refine": True}})
+    v6 = _write_version(reg, 6, {"engine": {"vote": "yes", "crf": True}})  # only true steps that exist count
+    assert [reg.model_version(6, v) for v in (v1, v2, v3, v4, v5, v6)] == [
+        "sim-v0001+refine", "sim-v0002", "sim-v0003", "sim-v0004+vote", "sim-v0005+refine+vote", "sim-v0006"]
+    with pytest.raises(ValueError, match="unknown engine steps"):
+        sim_model_version("v0001", ["crf"])

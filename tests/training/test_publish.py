@@ -20,23 +20,29 @@ def _val_subset(tmp_path, n_images: int = 3):
     return path
 
 
-def test_the_gate_measures_both_variants_and_grabcut_and_the_version_serves_the_better(sim_version_dir, tmp_path):
+def test_the_gate_measures_every_variant_and_grabcut_and_the_version_serves_the_best(sim_version_dir, tmp_path):
     reg = ModelRegistry(tmp_path / "models")
     lines = []
     res = validate_against_served(sim_version_dir, "v0001", reg, "7", _val_subset(tmp_path), COCO_VAL_IMAGES,
                                   lines.append)
     v = res["variants"]
-    assert set(v) == {"map", "refine"} and v["map"]["n_masks"] == v["refine"]["n_masks"] > 0
-    assert v["map"]["model_version"] == "sim-v0001" and v["refine"]["model_version"] == "sim-v0001+refine"
-    refine = v["refine"]["mIoU"] > v["map"]["mIoU"]
-    assert res["engine"] == {"refine": refine} and res["val"] == v["refine" if refine else "map"]
+    assert list(v) == ["map", "refine", "vote", "refine+vote"]
+    assert len({x["n_masks"] for x in v.values()}) == 1 and v["map"]["n_masks"] > 0
+    assert [x["model_version"] for x in v.values()] == [
+        "sim-v0001", "sim-v0001+refine", "sim-v0001+vote", "sim-v0001+refine+vote"]
+    best = max(v, key=lambda n: v[n]["mIoU"])
+    assert res["val"] == v[best] and all(v[best]["mIoU"] >= x["mIoU"] for x in v.values())
+    assert res["engine"] == {"refine": "refine" in best, "vote": "vote" in best}
+    # the vote differs from both of its parents on these boxes (it is not one of them under another name)
+    assert v["vote"]["mIoU"] not in (v["map"]["mIoU"], res["grabcut"]["mIoU"])
     # nothing served yet: the baseline is GrabCut, measured once
     assert res["grabcut"]["model_version"] == "grabcut-v1" and res["baseline"]["mIoU"] == res["grabcut"]["mIoU"]
     assert res["baseline"]["version"] is None and any("GrabCut" in line for line in lines)
     # the version then serves the variant recorded in its metrics
     vdir = tmp_path / "v0001"
     shutil.copytree(sim_version_dir, vdir)
-    for choice in (True, False):
-        (vdir / "metrics.json").write_text(json.dumps({"engine": {"refine": choice}}))
+    for refine, vote in ((True, False), (False, False), (False, True), (True, True)):
+        (vdir / "metrics.json").write_text(json.dumps({"engine": {"refine": refine, "vote": vote}}))
         engine = version_engine(vdir)
-        assert engine.refine is choice and engine.model_version == "sim-v0001" + ("+refine" if choice else "")
+        assert (engine.refine, engine.vote) == (refine, vote)
+        assert engine.model_version == "sim-v0001" + "+refine" * refine + "+vote" * vote
