@@ -421,7 +421,8 @@ class RetrainJob:
         """Step 7; False (and a message) when it fails."""
         say(7, f"S_k of every box with {version}")
         try:
-            engine = version_engine(self.registry.version_dir(self.project, version))
+            # S_k is the map's (SIM Eq. 11) whatever colour steps the version serves: skip their GrabCut runs
+            engine = version_engine(self.registry.version_dir(self.project, version), steps=())
             db = ScoreDB.for_project(self.registry.root, self.project)
             st = compute_scores(engine, export, version, db, progress=lambda m: say(7, m))
         except Exception as e:
