@@ -9,6 +9,11 @@ the polygons of ``--masks`` randomly drawn (seeded) coco-mini/balloon instances 
 Then runs ``python -m training.retrain --project N`` exactly as cron would (the default recipe and the
 schedule rule, 2 torch threads) and records the seconds of each of its steps, the iterations and the
 total in table ``retrain-night``. The target: within 2 hours on 2 CPU cores.
+
+With ``-- --max-iter N`` (a shorter training, every other step in full) the row is named
+``<images>-images-2-cpu-cores-max-iter-N`` and adds ``s_per_iteration`` (training step 4 over its
+iterations, start-up included) and ``projected_minutes``: the run with step 4 scaled to the iterations the
+schedule rule gives the project (``schedule_iterations``).
 """
 from __future__ import annotations
 
@@ -121,10 +126,21 @@ def main() -> int:
                for i, k in enumerate(order)}
     fig = {"images": len(coco["images"]), "boxes": n_boxes, "masks": len(chosen), "iterations": iterations,
            "total_minutes": total / 60.0, "exit": rc, **seconds}
+    row = f"{args.images}-images-2-cpu-cores"
+    if "--max-iter" in args.retrain_args and iterations and "step4_s" in seconds:
+        from training.retrain import DEFAULT_CONFIG, retrain_schedule
+        from training.train import build_config
+
+        row += f"-max-iter-{iterations}"
+        n_annotated = len({a["image_id"] for a in coco["annotations"]})
+        schedule = retrain_schedule(build_config(str(REPO_ROOT / DEFAULT_CONFIG)), n_annotated)[0]
+        fig["s_per_iteration"] = seconds["step4_s"] / iterations
+        fig["schedule_iterations"] = schedule
+        fig["projected_minutes"] = (total - seconds["step4_s"] + fig["s_per_iteration"] * schedule) / 60.0
     print(json.dumps(fig, indent=2))
     if not args.no_write:
-        record_results("retrain-night", f"{args.images}-images-2-cpu-cores", fig,
-                       "python scripts/benchmark_retrain.py " + " ".join(sys.argv[1:]), machine=machine)
+        record_results("retrain-night", row, fig, "python scripts/benchmark_retrain.py " + " ".join(sys.argv[1:]),
+                       machine=machine)
     return rc
 
 
