@@ -31,7 +31,8 @@ Colour steps on top of the map (S_k stays the map's):
   from the rectangle (the cold start, :func:`sim_model.engines.cold_start_engine`) and, with ``refine``,
   the refined mask; w = ``TEST.VOTE.MAP_WEIGHT``. Where the map and GrabCut disagree, the more certain
   one wins: the learned prior corrects GrabCut where it is sure, and GrabCut keeps the boundary where
-  the map hesitates.
+  the map hesitates. GrabCut runs in a worker thread while the network looks at the box (OpenCV and
+  torch both release the GIL), so on two cores the vote costs about the slower of the two, not their sum.
 
 A label that the model has never seen (absent from ``classes.json``, or a class whose prototypes were
 never updated, or a model trained without SIM) uses M_I alone.
@@ -47,6 +48,7 @@ import hashlib
 import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -120,6 +122,7 @@ class SIMBoxToMask(BoxToMask):
         if not 0.0 <= self.map_weight <= 1.0:
             raise ValueError(f"the map's weight in the vote must be in [0, 1], got {self.map_weight}")
         self.voter = cold_start_engine()
+        self._vote_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vote-grabcut")
         self.feature_cache_size = max(0, int(feature_cache_size))
         self._cache: OrderedDict[tuple, tuple] = OrderedDict()
         self._cache_lock = threading.Lock()
@@ -195,35 +198,44 @@ class SIMBoxToMask(BoxToMask):
         hw = image.shape[:2]
         prototypes = getattr(self.model, "prototypes", None)
         crops, scores = [], np.zeros(len(boxes), np.float32)
-        whole = None if self.close_look else self._view(image, False)  # one pass serves every box
-        for k, box in enumerate(boxes):
-            c0, r0, c1, r1 = box_pixel_bounds(box, hw)
-            if whole is None:
-                x0, y0, x1, y1 = context_window(box, hw, self.context)
-                tf, feats, z = self._view(image[y0:y1, x0:x1], True)
-            else:
-                (x0, y0, x1, y1), (tf, feats, z) = (0, 0, hw[1], hw[0]), whole
-            local_box = (np.asarray(box, np.float32) - np.array([x0, y0, x0, y0], np.float32))[None]
-            rbox = torch.as_tensor(tf.apply_box(local_box)[0], dtype=torch.float32)
-            pred_boxes, logits = positive_masks(feats, rbox)
-            class_id = torch.tensor([self.class_ids.get(labels[k], -1)], dtype=torch.long)
-            window = (c0 - x0, r0 - y0, c1 - x0, r1 - y0)
-            pm = sim_pseudo_masks(
-                logits.float().sigmoid(), pred_boxes.float(), torch.zeros(len(logits), dtype=torch.long),
-                rbox[None].to(pred_boxes.device), z, class_id, prototypes, mu=self.mu, alpha=self.alpha,
-                tau=self.tau, tau_low=self.tau_low, tau_high=self.tau_high,
-                resample=lambda m, b=window, v=(y1 - y0, x1 - x0): feats.to_image_window(m, v, b).clamp_(0.0, 1.0))
-            prob = pm.prob[0].cpu().numpy().astype(np.float32)
-            crops.append(self._colour_steps(image, box, prob))
-            scores[k] = float(pm.score[0])
+        # the vote's GrabCut masks are computed alongside the network (module docstring)
+        pending: list[Future] = [self._vote_pool.submit(self.voter.segment_box, image, box)
+                                 for box in boxes] if self.vote else []
+        try:
+            whole = None if self.close_look else self._view(image, False)  # one pass serves every box
+            for k, box in enumerate(boxes):
+                c0, r0, c1, r1 = box_pixel_bounds(box, hw)
+                if whole is None:
+                    x0, y0, x1, y1 = context_window(box, hw, self.context)
+                    tf, feats, z = self._view(image[y0:y1, x0:x1], True)
+                else:
+                    (x0, y0, x1, y1), (tf, feats, z) = (0, 0, hw[1], hw[0]), whole
+                local_box = (np.asarray(box, np.float32) - np.array([x0, y0, x0, y0], np.float32))[None]
+                rbox = torch.as_tensor(tf.apply_box(local_box)[0], dtype=torch.float32)
+                pred_boxes, logits = positive_masks(feats, rbox)
+                class_id = torch.tensor([self.class_ids.get(labels[k], -1)], dtype=torch.long)
+                window = (c0 - x0, r0 - y0, c1 - x0, r1 - y0)
+                pm = sim_pseudo_masks(
+                    logits.float().sigmoid(), pred_boxes.float(), torch.zeros(len(logits), dtype=torch.long),
+                    rbox[None].to(pred_boxes.device), z, class_id, prototypes, mu=self.mu, alpha=self.alpha,
+                    tau=self.tau, tau_low=self.tau_low, tau_high=self.tau_high,
+                    resample=lambda m, b=window, v=(y1 - y0, x1 - x0): feats.to_image_window(m, v, b).clamp_(0.0, 1.0))
+                prob = pm.prob[0].cpu().numpy().astype(np.float32)
+                crops.append(self._colour_steps(image, box, prob, pending[k].result()[0] if pending else None))
+                scores[k] = float(pm.score[0])
+        finally:
+            for f in pending:  # a failed box stops the queued GrabCut runs
+                f.cancel()
         return crops, scores
 
-    def _colour_steps(self, image: np.ndarray, box: np.ndarray, prob: np.ndarray) -> np.ndarray:
+    def _colour_steps(self, image: np.ndarray, box: np.ndarray, prob: np.ndarray,
+                      grabcut: np.ndarray | None = None) -> np.ndarray:
         """The refinement and the vote (module docstring) on one box's map.
 
         Args:
             image: (H, W, 3) uint8 RGB; box: (4,) float XYXY in pixels, clipped to the image.
             prob: (r1 - r0, c1 - c0) float32 M̂_prob in [0, 1] over the box's pixel bounds.
+            grabcut: the cold start's mask of that box when already computed (the vote), else None.
 
         Returns:
             the served (r1 - r0, c1 - c0) float32 mask in [0, 1].
@@ -235,7 +247,7 @@ class SIMBoxToMask(BoxToMask):
             out = prob if refined is None else refined
             voters.append(out)
         if self.vote:
-            voters.append(self.voter.segment_box(image, box)[0])
+            voters.append(self.voter.segment_box(image, box)[0] if grabcut is None else grabcut)
             out = self.map_weight * prob + (1.0 - self.map_weight) * np.mean(voters, axis=0)
         return out.astype(np.float32)
 

@@ -88,6 +88,12 @@ def test_the_vote_weighs_the_map_against_grabcut_and_the_refined_mask(sim_versio
     assert corner.any() and (out[:20, :20][corner] >= 0.5).all()
     hesitant = (grabcut >= 1.0) & (prior >= 0.25) & (prior < 0.5)
     assert hesitant.any() and (out[hesitant] >= 0.5).all()
+    # through predict, GrabCut runs in the engine's worker thread alongside the network: the same vote
+    plain = SIMBoxToMask.from_version_dir(sim_version_dir, vote=False, refine=False)
+    label = plain.class_names[0]
+    learned = plain.predict(image, box[None], [label]).crops[0]
+    np.testing.assert_allclose(vote.predict(image, box[None], [label]).crops[0], 0.65 * learned + 0.35 * grabcut,
+                               atol=1e-5)
     both = SIMBoxToMask.from_version_dir(sim_version_dir, vote=True, refine=True, map_weight=0.5)
     refined = both.refiner.refine(image, box, prior, both.refine_low, both.refine_high)
     assert refined is not None
