@@ -110,6 +110,7 @@ class ImageFeatures(MaskGrid):
     padded_size: tuple[int, int]
     _head: dict = field(default_factory=dict, repr=False)
 
+    @torch.no_grad()
     def head_at(self, loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The FCOS head's regressed boxes and controller outputs at some locations.
 
@@ -143,6 +144,7 @@ class ImageFeatures(MaskGrid):
         d = reg * self.strides[loc][:, None]
         xy = self.locations[loc]
         return torch.cat([xy - d[:, :2], xy + d[:, 2:]], dim=1), params
+
 
 def _source_weights(n_in: int, n_out: int, start: int, stop: int, device) -> tuple[torch.Tensor, ...]:
     """Source rows (or columns) and weights of output indices ``start … stop-1`` of a bilinear resize
