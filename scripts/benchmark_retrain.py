@@ -11,9 +11,10 @@ schedule rule, 2 torch threads) and records the seconds of each of its steps, th
 total in table ``retrain-night``. The target: within 2 hours on 2 CPU cores.
 
 With ``-- --max-iter N`` (a shorter training, every other step in full) the row is named
-``<images>-images-2-cpu-cores-max-iter-N`` and adds ``s_per_iteration`` (training step 4 over its
-iterations, start-up included) and ``projected_minutes``: the run with step 4 scaled to the iterations the
-schedule rule gives the project (``schedule_iterations``).
+``<images>-images-2-cpu-cores-max-iter-N`` and adds ``schedule_iterations`` (what the schedule rule gives
+the project), ``s_per_iteration_sim`` (seconds per step once SIM's losses run, ``MODEL.SIM.WARMUP_ITERS``
+on: the slope of detectron2's time-stamped progress lines past it; N must pass it by 40 or more) and
+``projected_minutes``: the run as measured plus the schedule's remaining iterations at that rate.
 """
 from __future__ import annotations
 
@@ -111,6 +112,7 @@ def main() -> int:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=dict(os.environ, OMP_NUM_THREADS="2"))
         iterations = None
+        progress: list[tuple[float, int]] = []  # (seconds since the run began, iteration) of detectron2's lines
         for line in proc.stdout:
             print(line, end="", flush=True)
             m = re.match(r"\[retrain\] (\d)/7", line)
@@ -119,6 +121,9 @@ def main() -> int:
             it = re.search(r"training iterations (\d+)\.\.(\d+)", line)
             if it:
                 iterations = int(it.group(2)) - int(it.group(1))
+            ev = re.search(r"d2\.utils\.events\]:.* iter: (\d+)", line)
+            if ev:
+                progress.append((time.monotonic() - t0, int(ev.group(1))))
         rc = proc.wait()
         total = time.monotonic() - t0
     order = sorted(steps)
@@ -132,11 +137,14 @@ def main() -> int:
         from training.train import build_config
 
         row += f"-max-iter-{iterations}"
-        n_annotated = len({a["image_id"] for a in coco["annotations"]})
-        schedule = retrain_schedule(build_config(str(REPO_ROOT / DEFAULT_CONFIG)), n_annotated)[0]
-        fig["s_per_iteration"] = seconds["step4_s"] / iterations
+        cfg = build_config(str(REPO_ROOT / DEFAULT_CONFIG))
+        schedule = retrain_schedule(cfg, len({a["image_id"] for a in coco["annotations"]}))[0]
         fig["schedule_iterations"] = schedule
-        fig["projected_minutes"] = (total - seconds["step4_s"] + fig["s_per_iteration"] * schedule) / 60.0
+        sim = [(t, i) for t, i in progress if i >= cfg.MODEL.SIM.WARMUP_ITERS]
+        if len(sim) >= 2 and sim[-1][1] > sim[0][1]:
+            rate = (sim[-1][0] - sim[0][0]) / (sim[-1][1] - sim[0][1])
+            fig["s_per_iteration_sim"] = rate
+            fig["projected_minutes"] = (total + rate * max(schedule - iterations, 0)) / 60.0
     print(json.dumps(fig, indent=2))
     if not args.no_write:
         record_results("retrain-night", row, fig, "python scripts/benchmark_retrain.py " + " ".join(sys.argv[1:]),
