@@ -314,11 +314,13 @@ def add_sim_config(cfg: CN) -> CN:
     # Iterations of one retrain: EPOCHS passes over the project's annotated images at SOLVER.IMS_PER_BATCH
     # images per step, clamped to [MIN_ITER, MAX_ITER]. 80 epochs: on balloon the close-look map refined by
     # GrabCut passes GrabCut between 52 and 79 epochs and stays flat to 157 (training.curve, balloon-val).
-    # MAX_ITER is an estimate, not yet a measurement, of what fits a 500-image project into 2 hours on 2 CPU
-    # cores (~3.1 CPU s per step on one core; scripts/benchmark_retrain.py measures it).
+    # MAX_ITER fits a 500-image project into 2 hours on 2 CPU cores, measured by scripts/benchmark_retrain.py
+    # (`-- --max-iter 400`, docs/benchmarks.md "retrain-night"): 2.9 s per step once SIM's losses run, 12.5 min
+    # for everything but training (S_k of 16k boxes 11.8 min): 3000 steps would take ~155 min, 2000 take
+    # ~107 min for a first version and ~110 min for a continued one (every step after SIM's gate).
     _c.RETRAIN.EPOCHS = 80.0
     _c.RETRAIN.MIN_ITER = 200
-    _c.RETRAIN.MAX_ITER = 3000
+    _c.RETRAIN.MAX_ITER = 2000
     # The LR drops (x SOLVER.GAMMA) at these fractions of each retrain's iterations (continued runs too).
     _c.RETRAIN.LR_STEPS = (0.75, 0.9)
     # Share of the annotators' masks held out to validate the gate; the others supervise training.
