@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import json
 import math
 import os
@@ -94,6 +95,16 @@ class ModelVersionError(RuntimeError):
 #: ``refine`` (GrabCut seeded from the map, ``TEST.REFINE``) and ``vote`` (the map votes with GrabCut from
 #: the rectangle, ``TEST.VOTE``). The retrain's gate measures each combination and records the best.
 ENGINE_STEPS = ("refine", "vote")
+
+
+def engine_variants() -> dict[str, tuple[str, ...]]:
+    """The SIM engine's variants by name: the map alone (``"map"``) and each combination of
+    :data:`ENGINE_STEPS` (``"refine"``, ``"vote"``, ``"refine+vote"``), fewer steps first; values are the steps."""
+    out = {}
+    for k in range(len(ENGINE_STEPS) + 1):
+        for steps in itertools.combinations(ENGINE_STEPS, k):
+            out["+".join(steps) or "map"] = steps
+    return out
 
 
 def sim_model_version(version: str, steps: Iterable[str] = ()) -> str:

@@ -51,14 +51,14 @@ from pathlib import Path
 from typing import Sequence
 
 from sim_model.datasets import REPO_ROOT, split_files
+from sim_model.registry import engine_variants
 from sim_model.results import DOCS_JSON, record_results
 
 #: The rows kept in the docs table for each run (the per-box list is dropped).
 FIGURES = ("mIoU", "mIoU_small", "mIoU_medium", "mIoU_large", "AP", "AP50", "AP75", "ms_per_box", "ms_per_image",
            "n_boxes", "n_small", "n_medium", "n_large")
-#: The engine variants: the map alone and with the colour steps of :data:`sim_model.registry.ENGINE_STEPS`
-#: (the variants the retrain's gate chooses from).
-ENGINES = ("map", "refine", "vote", "refine+vote")
+#: The engine variants the retrain's gate chooses from (:func:`sim_model.registry.engine_variants`).
+ENGINES = tuple(engine_variants())
 #: Evaluated at the full run's last checkpoint only: the same model without the close look (one network
 #: pass on the whole image), the ablation of the close look.
 ABLATION = ("whole",)
@@ -175,7 +175,7 @@ def evaluate_checkpoint(out: Path, iteration: int, final_iter: int, val: Split, 
         cfg, model = load_eval_model(str(out / "config.yaml"), str(checkpoint_path(out, iteration, final_iter)),
                                      list(opts))
         for e in todo:
-            steps = e.split("+")
+            steps = engine_variants().get(e, ())  # "whole": the map without the close look
             engine = SIMBoxToMask(model, cfg, names, model_version=f"curve-{e}", refine="refine" in steps,
                                   vote="vote" in steps, close_look=False if e == "whole" else None)
             res = evaluate_box_to_mask(engine, val.json, val.images, progress=False)
@@ -267,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if len(args.opts) % 2 or not checkpoints or checkpoints[-1] > args.iters or runs - {"full", "fractions", "masks"} \
-            or set(args.engines.split(",")) - set(ENGINES) or not engines_asked or (args.aux_iters is not None and args.aux_iters not in checkpoints):
+            or set(args.engines.split(",")) - set(ENGINES) or not engines_asked \
+            or (args.aux_iters is not None and args.aux_iters not in checkpoints):
         print("error: KEY VALUE pairs, checkpoints <= --iters, --aux-iters among the checkpoints, runs among "
               f"full,fractions,masks, engines among {','.join(ENGINES)}", file=sys.stderr)
         return 2

@@ -36,11 +36,12 @@ from sim_backend.predict import Predictor
 from sim_backend.settings import Settings
 from sim_model.datasets import coco_mini_dir, split_files
 from sim_model.engines import cold_start_engine, version_engine
+from sim_model.registry import engine_variants
 from sim_model.results import record_results
 
-#: The engines measured: the cold start, a SIM version's map with each combination of colour steps, and
-#: its map without the close look.
-ENGINES = ("grabcut", "map", "refine", "vote", "refine+vote", "whole")
+#: The engines measured: the cold start, a SIM version's variants (:func:`sim_model.registry.engine_variants`),
+#: and its map without the close look.
+ENGINES = ("grabcut", *engine_variants(), "whole")
 
 
 def _config(labels: Sequence[str]) -> str:
@@ -115,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "grabcut":
             engine = cold_start_engine()
         else:
-            engine = version_engine(args.version_dir, steps=() if name in ("map", "whole") else name.split("+"))
+            engine = version_engine(args.version_dir, steps=engine_variants().get(name, ()))
             engine.close_look = engine.close_look and name != "whole"
         row = measure(engine, json_file, images, args.images, args.boxes)
         print(f"{key} {name} ({engine.model_version}): first box {row['first_box_ms']:.0f} ms, further boxes "

@@ -11,7 +11,6 @@ on the same masks; the gate (:meth:`sim_model.registry.ModelRegistry.publish`) t
 """
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
 import time
@@ -23,8 +22,9 @@ from detectron2.config import CfgNode
 from sim_model.engines import cold_start_engine, served_engine, version_engine
 from sim_model.evaluation import evaluate_box_to_mask
 from sim_model.files import atomic_write_text
-from sim_model.registry import (CLASSES_FILE, CONFIG_FILE, ENGINE_STEPS, METRICS_FILE, TEACHER_CONFIG_FILE, TEACHER_WEIGHTS_FILE,
-                                TRAIN_LOG_FILE, WEIGHTS_FILE, ModelRegistry, jsonable)
+from sim_model.registry import (CLASSES_FILE, CONFIG_FILE, ENGINE_STEPS, METRICS_FILE, TEACHER_CONFIG_FILE,
+                                TEACHER_WEIGHTS_FILE, TRAIN_LOG_FILE, WEIGHTS_FILE, ModelRegistry, engine_variants,
+                                jsonable)
 
 
 def evaluation_summary(ev: dict) -> dict:
@@ -39,8 +39,8 @@ def evaluation_summary(ev: dict) -> dict:
 def validate_against_served(version_dir: Path, version: str, registry: ModelRegistry, project: str,
                             val_json: Path, image_dir: Path, say: Callable[[str], None]) -> dict:
     """The gate's measurements on the held-out annotator masks, all on the same masks: the new version's
-    map alone and with each combination of its colour steps (:data:`sim_model.registry.ENGINE_STEPS`; the
-    best is what the version serves, ties to the fewer steps), GrabCut alone, and the engine served now.
+    map alone and with each combination of its colour steps (:func:`sim_model.registry.engine_variants`;
+    the best is what the version serves, ties to the fewer steps), GrabCut alone, and the engine served now.
 
     Args:
         version_dir: the new version's (temporary) directory.
@@ -57,13 +57,11 @@ def validate_against_served(version_dir: Path, version: str, registry: ModelRegi
     def measure(engine) -> dict:
         return evaluation_summary(evaluate_box_to_mask(engine, val_json, image_dir, progress=False))
 
-    variants, steps_of = {}, {}
-    for k in range(len(ENGINE_STEPS) + 1):  # fewer steps first
-        for steps in itertools.combinations(ENGINE_STEPS, k):
-            name = "+".join(steps) or "map"
-            engine = version_engine(version_dir, version=version, steps=steps)
-            say(f"evaluating {engine.model_version} on the annotator masks")
-            variants[name], steps_of[name] = measure(engine), steps
+    variants, steps_of = {}, engine_variants()
+    for name, steps in steps_of.items():
+        engine = version_engine(version_dir, version=version, steps=steps)
+        say(f"evaluating {engine.model_version} on the annotator masks")
+        variants[name] = measure(engine)
     best = max(variants, key=lambda n: variants[n]["mIoU"])  # ties: the first listed (fewer steps)
     say("evaluating GrabCut (the cold start) on the same masks")
     grabcut = measure(cold_start_engine())

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from sim_model.registry import FileLock, LockHeld, ModelRegistry, ProjectLock, adopt_lock, sim_model_version
+from sim_model.registry import (FileLock, LockHeld, ModelRegistry, ProjectLock, adopt_lock, engine_variants,
+                                sim_model_version)
 
 
 def _write_version(reg: ModelRegistry, project, metrics: dict | None = None) -> str:
@@ -241,3 +242,8 @@ def test_a_version_that_serves_colour_steps_says_so_in_its_model_version(tmp_pat
         "sim-v0001+refine", "sim-v0002", "sim-v0003", "sim-v0004+vote", "sim-v0005+refine+vote", "sim-v0006"]
     with pytest.raises(ValueError, match="unknown engine steps"):
         sim_model_version("v0001", ["crf"])
+    # the gate's variants: the map, then each combination of steps, named as model_version names them
+    variants = engine_variants()
+    assert variants == {"map": (), "refine": ("refine",), "vote": ("vote",), "refine+vote": ("refine", "vote")}
+    assert [sim_model_version("v0001", s) for s in variants.values()] == [
+        "sim-v0001" + ("" if n == "map" else "+" + n) for n in variants]
