@@ -296,7 +296,10 @@ def add_sim_config(cfg: CN) -> CN:
     _c.TEST.REFINE.ENABLED = False
     _c.TEST.REFINE.THRESH_LOW = 0.0
     _c.TEST.REFINE.THRESH_HIGH = 0.9
-    _c.TEST.REFINE.ITERATIONS = 2
+    # One GrabCut iteration from the map is as good as two (balloon-val refine 0.920 / 0.920, refine+vote 0.926 /
+    # 0.927; coco-mini-val2017 0.647 / 0.647, 0.693 / 0.693; `python -m training.evaluate ... TEST.REFINE.ITERATIONS 1`)
+    # and ~25 ms per box faster.
+    _c.TEST.REFINE.ITERATIONS = 1
 
     # ------------------------------------------------------------------ the vote with GrabCut (SIM engine)
     # The map M̂_prob votes with GrabCut from the rectangle (the cold start's settings) and, when REFINE is on
