@@ -244,9 +244,10 @@ def test_retrain_publishes_a_new_version(flow):
     assert metrics["val"]["n_masks"] == d["val_masks"] and 0.0 <= metrics["val"]["mIoU"] <= 1.0
     # the gate measured the map with each combination of colour steps, GrabCut and the served engine (GrabCut)
     v = metrics["variants"]
-    best = max(v, key=lambda n: v[n]["mIoU"])
-    assert set(v) == {"map", "refine", "vote", "refine+vote"} and metrics["val"] == v[best]
-    assert metrics["engine"] == {"refine": "refine" in best, "vote": "vote" in best}
+    assert set(v) == {"map", "refine", "vote", "refine+vote"}
+    served = next(n for n in v if v[n]["model_version"] == metrics["val"]["model_version"])
+    assert v[served]["mIoU"] == max(x["mIoU"] for x in v.values())  # (variants can tie on 4 masks)
+    assert metrics["engine"] == {"refine": "refine" in served.split("+"), "vote": "vote" in served.split("+")}
     assert metrics["grabcut"]["model_version"].startswith("grabcut")
     assert metrics["baseline"]["model_version"].startswith("grabcut") and metrics["baseline"]["version"] is None
     assert metrics["publish"]["published"] is True  # (the tiny schedule passes only with --tolerance 1)
