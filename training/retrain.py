@@ -145,6 +145,28 @@ def retrain_schedule(cfg: CfgNode, n_images: int, start_iter: int = 0,
     return start_iter + n, tuple(start_iter + k for k in steps if k < n)  # a drop at the last step is no drop
 
 
+#: Config nodes that a continued retrain takes from the recipe (``--config`` or :data:`DEFAULT_CONFIG`, with the
+#: ``KEY VALUE`` overrides), not from the served version's config.yaml: the retrain's policy and the colour steps'
+#: settings are not learned, so a changed default (e.g. ``RETRAIN.MAX_ITER``) reaches projects that already have
+#: versions.
+RECIPE_NODES = ("RETRAIN", "TEST.REFINE", "TEST.VOTE")
+
+
+def follow_recipe(cfg: CfgNode, recipe: CfgNode) -> None:
+    """Replace :data:`RECIPE_NODES` of ``cfg`` (defrosted) with copies of the recipe's.
+
+    Args:
+        cfg: the run's config, built from the served version's config.yaml; modified in place.
+        recipe: the recipe's config with the run's overrides.
+    """
+    for path in RECIPE_NODES:
+        *parents, leaf = path.split(".")
+        dst, src = cfg, recipe
+        for name in parents:
+            dst, src = dst[name], src[name]
+        dst[leaf] = src[leaf].clone()
+
+
 class RetrainFailed(RuntimeError):
     """A step failed: the run ends with ``code`` (module docstring) and this message."""
 
@@ -342,6 +364,9 @@ class RetrainJob:
         cfg = build_config(str(config_file), opts + list(self.opts), train_json=str(train_json),
                            train_images=str(export.image_dir))
         cfg.defrost()
+        recipe = self.config or REPO_ROOT / DEFAULT_CONFIG
+        if Path(config_file) != Path(recipe):  # continuing from the served version's own config
+            follow_recipe(cfg, build_config(str(recipe), list(self.opts)))
         if grown_from is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             report = grow_class_rows(grown_from, cfg, len(parent_classes), out_dir / "model_parent_grown.pth")

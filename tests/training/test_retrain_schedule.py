@@ -32,3 +32,21 @@ def test_bad_bounds_raise():
         retrain_schedule(_cfg("RETRAIN.MIN_ITER", "3000"), 10)
     with pytest.raises(ValueError):
         retrain_schedule(_cfg(), -1)
+
+
+def test_a_continued_retrain_takes_the_schedule_and_colour_steps_from_the_recipe(tmp_path):
+    """A version written under older defaults (its config.yaml is a full dump) must not pin them forever."""
+    from training.retrain import follow_recipe
+
+    old = build_config(DEFAULT_CONFIG, ["RETRAIN.MAX_ITER", "3000", "TEST.REFINE.ITERATIONS", "2",
+                                        "TEST.VOTE.MAP_WEIGHT", "0.5", "SOLVER.BASE_LR", "0.123"])
+    dumped = tmp_path / "config.yaml"
+    dumped.write_text(old.dump())
+    cfg = build_config(str(dumped))
+    cfg.defrost()
+    follow_recipe(cfg, build_config(DEFAULT_CONFIG, ["RETRAIN.MIN_ITER", "150"]))
+    recipe = build_config(DEFAULT_CONFIG)
+    assert cfg.RETRAIN.MAX_ITER == recipe.RETRAIN.MAX_ITER != 3000 and cfg.RETRAIN.MIN_ITER == 150
+    assert cfg.TEST.REFINE.ITERATIONS == recipe.TEST.REFINE.ITERATIONS != 2
+    assert cfg.TEST.VOTE.MAP_WEIGHT == recipe.TEST.VOTE.MAP_WEIGHT != 0.5
+    assert cfg.SOLVER.BASE_LR == 0.123  # what the network was trained with stays the version's
