@@ -290,15 +290,16 @@ def add_sim_config(cfg: CN) -> CN:
     # background below it and outside the box. THRESH_LOW 0: inside the box nothing is certain background,
     # since a map that shrank (the learned maps' failure) would otherwise forbid the true boundary and
     # teach GrabCut's background model the object's colours (tests/sim_model/test_refine.py).
-    # ENABLED is what a version serves when its metrics.json does not say (the retrain's gate measures
-    # both and records the better one). Not in the papers.
+    # ENABLED applies where the engine is built from a config alone (training.evaluate, SIMBoxToMask); a
+    # registry version serves the colour steps its metrics.json records (the retrain's gate measures every
+    # combination and records the best; none without metrics.json). Not in the papers.
     _c.TEST.REFINE = CN()
     _c.TEST.REFINE.ENABLED = False
     _c.TEST.REFINE.THRESH_LOW = 0.0
     _c.TEST.REFINE.THRESH_HIGH = 0.9
     # One GrabCut iteration from the map is as good as two (balloon-val refine 0.920 / 0.920, refine+vote 0.926 /
     # 0.927; coco-mini-val2017 0.647 / 0.647, 0.693 / 0.693; `python -m training.evaluate ... TEST.REFINE.ITERATIONS 1`)
-    # and ~25 ms per box faster.
+    # and ~10 ms faster per further box (training.interactive_benchmark).
     _c.TEST.REFINE.ITERATIONS = 1
 
     # ------------------------------------------------------------------ the vote with GrabCut (SIM engine)
@@ -306,8 +307,8 @@ def add_sim_config(cfg: CN) -> CN:
     # as well, with the refined mask: MAP_WEIGHT · M̂_prob + (1 − MAP_WEIGHT) · mean(GrabCut masks), a pixel
     # is foreground at >= 0.5. With 0.65 and one GrabCut mask: foreground where GrabCut says so unless the map
     # is below 0.23, background where GrabCut says so unless the map is above 0.77. 0.65 is the best of
-    # 0.55–0.8 on coco-mini val2017 with the curve's model (docs/benchmarks.md, "the vote"). ENABLED is what a
-    # version serves when its metrics.json does not say (the retrain's gate measures it). Not in the papers.
+    # 0.55–0.8 on coco-mini val2017 with the curve's model (docs/benchmarks.md, "Masks that learn"). ENABLED: as
+    # TEST.REFINE.ENABLED. Not in the papers.
     _c.TEST.VOTE = CN()
     _c.TEST.VOTE.ENABLED = False
     _c.TEST.VOTE.MAP_WEIGHT = 0.65

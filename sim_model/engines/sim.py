@@ -31,8 +31,10 @@ Colour steps on top of the map (S_k stays the map's):
   from the rectangle (the cold start, :func:`sim_model.engines.cold_start_engine`) and, with ``refine``,
   the refined mask; w = ``TEST.VOTE.MAP_WEIGHT``. Where the map and GrabCut disagree, the more certain
   one wins: the learned prior corrects GrabCut where it is sure, and GrabCut keeps the boundary where
-  the map hesitates. GrabCut runs in a worker thread while the network looks at the box (OpenCV and
-  torch both release the GIL), so on two cores the vote costs about the slower of the two, not their sum.
+  the map hesitates. GrabCut runs in a worker thread of the call while the network looks at the box
+  (OpenCV and torch both release the GIL), so on two cores the vote costs about the slower of the two, not
+  their sum. When the refinement degenerates (:meth:`~sim_model.engines.grabcut.GrabCutBoxToMask.refine`
+  returns None), the map stands in for the refined mask in the vote (its weight is then w + (1 − w)/2).
 
 A label that the model has never seen (absent from ``classes.json``, or a class whose prototypes were
 never updated, or a model trained without SIM) uses M_I alone.
@@ -122,7 +124,6 @@ class SIMBoxToMask(BoxToMask):
         if not 0.0 <= self.map_weight <= 1.0:
             raise ValueError(f"the map's weight in the vote must be in [0, 1], got {self.map_weight}")
         self.voter = cold_start_engine()
-        self._vote_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vote-grabcut")
         self.feature_cache_size = max(0, int(feature_cache_size))
         self._cache: OrderedDict[tuple, tuple] = OrderedDict()
         self._cache_lock = threading.Lock()
@@ -198,9 +199,10 @@ class SIMBoxToMask(BoxToMask):
         hw = image.shape[:2]
         prototypes = getattr(self.model, "prototypes", None)
         crops, scores = [], np.zeros(len(boxes), np.float32)
-        # the vote's GrabCut masks are computed alongside the network (module docstring)
-        pending: list[Future] = [self._vote_pool.submit(self.voter.segment_box, image, box)
-                                 for box in boxes] if self.vote else []
+        # the vote's GrabCut masks are computed alongside the network, in a worker thread of this call (a
+        # request never waits behind another request's boxes)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vote-grabcut") if self.vote else None
+        pending: list[Future] = [pool.submit(self.voter.segment_box, image, box) for box in boxes] if pool else []
         try:
             whole = None if self.close_look else self._view(image, False)  # one pass serves every box
             for k, box in enumerate(boxes):
@@ -226,6 +228,8 @@ class SIMBoxToMask(BoxToMask):
         finally:
             for f in pending:  # a failed box stops the queued GrabCut runs
                 f.cancel()
+            if pool is not None:
+                pool.shutdown(wait=False)
         return crops, scores
 
     def _colour_steps(self, image: np.ndarray, box: np.ndarray, prob: np.ndarray,

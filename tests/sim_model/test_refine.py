@@ -94,6 +94,13 @@ def test_the_vote_weighs_the_map_against_grabcut_and_the_refined_mask(sim_versio
     learned = plain.predict(image, box[None], [label]).crops[0]
     np.testing.assert_allclose(vote.predict(image, box[None], [label]).crops[0], 0.65 * learned + 0.35 * grabcut,
                                atol=1e-5)
+    # a GrabCut that fails in the worker thread fails the call (nothing is served half-voted)
+    def broken(*args):
+        raise RuntimeError("GrabCut broke")
+
+    vote.voter.segment_box = broken
+    with pytest.raises(RuntimeError, match="GrabCut broke"):
+        vote.predict(image, np.stack([box, box]), [label, label])
     both = SIMBoxToMask.from_version_dir(sim_version_dir, vote=True, refine=True, map_weight=0.5)
     refined = both.refiner.refine(image, box, prior, both.refine_low, both.refine_high)
     assert refined is not None
