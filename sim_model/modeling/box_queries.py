@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from sim_model.modeling.fcos import decode_boxes
 from sim_model.modeling.mask_head import aligned_bilinear
 from sim_model.modeling.network import CondInstNet
 
@@ -133,7 +134,12 @@ class ImageFeatures(MaskGrid):
         for lvl in levels.unique().tolist():
             hit = self._head.get(lvl)
             if hit is None:
-                _, r, _, top = self.net.fcos.head.forward_level(self.head_features[lvl], lvl, with_cls=False)
+                was_training = self.net.training
+                self.net.eval()  # as in image_features: a norm layer must not use or update batch statistics
+                try:
+                    _, r, _, top = self.net.fcos.head.forward_level(self.head_features[lvl], lvl, with_cls=False)
+                finally:
+                    self.net.train(was_training)
                 hit = (r[0].flatten(1).T, top[0].flatten(1).T)  # (H_l*W_l, 4), (H_l*W_l, G)
                 self._head[lvl] = hit
             sel = levels == lvl
@@ -141,9 +147,7 @@ class ImageFeatures(MaskGrid):
                 params = hit[1].new_empty((loc.numel(), hit[1].shape[1]))
             reg[sel] = hit[0][loc[sel] - starts[lvl]]
             params[sel] = hit[1][loc[sel] - starts[lvl]]
-        d = reg * self.strides[loc][:, None]
-        xy = self.locations[loc]
-        return torch.cat([xy - d[:, :2], xy + d[:, 2:]], dim=1), params
+        return decode_boxes(reg, self.locations[loc], self.strides[loc]), params
 
 
 def _source_weights(n_in: int, n_out: int, start: int, stop: int, device) -> tuple[torch.Tensor, ...]:

@@ -75,9 +75,14 @@ class HeadOutputs:
 
     def boxes(self) -> torch.Tensor:
         """(N, L, 4) predicted boxes XYXY in pixels of the padded input."""
-        d = self.bbox_reg * self.strides[None, :, None]
-        xy = self.locations[None]
-        return torch.cat([xy - d[..., :2], xy + d[..., 2:]], dim=-1)
+        return decode_boxes(self.bbox_reg, self.locations, self.strides)
+
+
+def decode_boxes(bbox_reg: torch.Tensor, locations: torch.Tensor, strides: torch.Tensor) -> torch.Tensor:
+    """FCOS box decoding: (..., L, 4) distances (left, top, right, bottom) in stride units at (L, 2) (x, y)
+    pixel locations with (L,) strides → (..., L, 4) float boxes XYXY in pixels."""
+    d = bbox_reg * strides[:, None]
+    return torch.cat([locations - d[..., :2], locations + d[..., 2:]], dim=-1)
 
 
 @dataclass

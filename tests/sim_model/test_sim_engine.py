@@ -220,23 +220,31 @@ def test_the_box_query_runs_the_head_only_where_the_box_is_and_changes_no_mask(e
     tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype(np.float32))
     fast = image_features(engine.model, tensor)
     assert not fast._head
+    calls = []
+    run_level = fast.net.fcos.head.forward_level
+    fast.net.fcos.head.forward_level = lambda f, lvl, **kw: calls.append(lvl) or run_level(f, lvl, **kw)
     net = fast.net.eval()
     with torch.no_grad():
         full_out = net(engine.model.preprocess_image([tensor]).tensor)
     head = full_out.head
     assert head.logits.shape[-1] == engine.model.num_classes
     torch.testing.assert_close(fast.locations, head.locations)
-    box = torch.as_tensor(tf.apply_box(boxes[:1])[0], dtype=torch.float32)
+    h, w = tensor.shape[1:]
+    box = torch.tensor([0.1 * w, 0.1 * h, 0.9 * w, 0.9 * h])  # a big box: its positives lie after P3
     _, _, idx = net.fcos.assign_targets_single(head.locations, head.levels, head.strides, box[None],
                                                torch.zeros(1, dtype=torch.long))
     loc = torch.nonzero(idx >= 0).squeeze(1)
-    assert loc.numel() > 0
+    assert loc.numel() > 0 and bool((head.levels[loc] > 0).any())  # a level after P3: the offsets matter
+    calls.clear()  # (the full pass above ran every level)
     with torch.no_grad():
         full_boxes, full_logits = head.boxes()[0][loc], net.mask_logits(full_out, torch.zeros_like(loc), loc)[:, 0]
     fast_boxes, fast_logits = positive_masks(fast, box)
     torch.testing.assert_close(fast_boxes, full_boxes)
     torch.testing.assert_close(fast_logits, full_logits)
     assert set(fast._head) == set(head.levels[loc].tolist()) and len(fast._head) < len(fast.head_features)
-    # a second box on the same image reuses the levels already computed, and the query stays exact
+    assert sorted(calls) == sorted(fast._head)  # each of those levels ran once
+    # a second query on the same image reuses the levels already computed, and stays exact
     again_boxes, _ = positive_masks(fast, box)
     torch.testing.assert_close(again_boxes, full_boxes)
+    assert sorted(calls) == sorted(fast._head)
+    del fast.net.fcos.head.forward_level
