@@ -13,7 +13,8 @@ total in table ``retrain-night``. The target: within 2 hours on 2 CPU cores.
 With ``-- --max-iter N`` (a shorter training, every other step in full) the row is named
 ``<images>-images-2-cpu-cores-max-iter-N`` and adds ``schedule_iterations`` (what the schedule rule gives
 the project), ``s_per_iteration_sim`` (seconds per step once SIM's losses run, ``MODEL.SIM.WARMUP_ITERS``
-on: the slope of detectron2's time-stamped progress lines past it; N must pass it by 40 or more) and
+on: the slope of detectron2's time-stamped progress lines past it, one every 20 iterations, so N must pass
+it by 40 or more) and
 ``projected_minutes``: the run as measured plus the schedule's remaining iterations at that rate.
 """
 from __future__ import annotations
@@ -132,7 +133,7 @@ def main() -> int:
     fig = {"images": len(coco["images"]), "boxes": n_boxes, "masks": len(chosen), "iterations": iterations,
            "total_minutes": total / 60.0, "exit": rc, **seconds}
     row = f"{args.images}-images-2-cpu-cores"
-    if "--max-iter" in args.retrain_args and iterations and "step4_s" in seconds:
+    if any(a.split("=")[0] == "--max-iter" for a in args.retrain_args) and iterations and "step4_s" in seconds:
         from training.retrain import DEFAULT_CONFIG, retrain_schedule
         from training.train import build_config
 
