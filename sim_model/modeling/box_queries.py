@@ -10,8 +10,9 @@ the original image, exactly as CondInst's postprocessing would over the whole im
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,18 @@ import torch.nn.functional as F
 from sim_model.modeling.fcos import decode_boxes
 from sim_model.modeling.mask_head import aligned_bilinear
 from sim_model.modeling.network import CondInstNet
+
+
+@contextmanager
+def eval_mode(net: torch.nn.Module) -> Iterator[None]:
+    """Run ``net`` in eval mode (a norm layer must neither use nor update batch statistics), then restore
+    its previous mode."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield
+    finally:
+        net.train(was_training)
 
 
 @dataclass
@@ -134,12 +147,8 @@ class ImageFeatures(MaskGrid):
         for lvl in levels.unique().tolist():
             hit = self._head.get(lvl)
             if hit is None:
-                was_training = self.net.training
-                self.net.eval()  # as in image_features: a norm layer must not use or update batch statistics
-                try:
+                with eval_mode(self.net):
                     _, r, _, top = self.net.fcos.head.forward_level(self.head_features[lvl], lvl, with_cls=False)
-                finally:
-                    self.net.train(was_training)
                 hit = (r[0].flatten(1).T, top[0].flatten(1).T)  # (H_l*W_l, 4), (H_l*W_l, G)
                 self._head[lvl] = hit
             sel = levels == lvl
@@ -210,14 +219,12 @@ def image_features(model, image: torch.Tensor, use_teacher: Optional[bool] = Non
         raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
     teacher = model.teacher
     net = teacher.model if (teacher is not None and use_teacher is not False) else model.net
-    was_training = net.training
-    net.eval()
     try:
-        images = model.preprocess_image([image])
-        features = net.backbone(images.tensor)
-        mask_feats = net.mask_branch([features[f] for f in net.mask_in_features])
+        with eval_mode(net):
+            images = model.preprocess_image([image])
+            features = net.backbone(images.tensor)
+            mask_feats = net.mask_branch([features[f] for f in net.mask_in_features])
     finally:
-        net.train(was_training)
         if teacher is not None:
             teacher.model.eval()
     head_features = [features[f] for f in net.in_features]
