@@ -26,9 +26,9 @@ own progress):
    weights of the config on the first run. Iterations: :func:`retrain_schedule` from the number of
    annotated images (``RETRAIN.EPOCHS``, ``MIN_ITER``, ``MAX_ITER``; ``--max-iter`` overrides), the LR
    dropping at ``RETRAIN.LR_STEPS`` of them; a continuation takes these and the colour steps' keys from the
-   recipe, the rest from the current version's config (:func:`follow_recipe`). When the class map has grown since the current version,
-   only its weights are loaded, the class rows grown (:func:`sim_model.checkpoint.grow_class_rows`),
-   and the schedule restarts;
+   recipe, the rest from the current version's config (:func:`follow_recipe`). When the class map has grown
+   since the current version, only its weights are loaded, the class rows grown
+   (:func:`sim_model.checkpoint.grow_class_rows`), and the schedule restarts;
 5. evaluate — box→mask mIoU and AP on the held-out masks, for the new version's map alone and with each
    combination of its colour steps (refined by GrabCut, voting with GrabCut), for GrabCut and for the
    engine served now, on the same masks
@@ -315,18 +315,22 @@ class RetrainJob:
             raise RetrainFailed(EXIT_TRAIN_FAILED, f"training failed: {e.__class__.__name__}: {e}; "
                                                    f"{self.served_name} keeps serving") from e
 
+    @property
+    def recipe(self) -> Path:
+        """The recipe: ``--config``, else :data:`DEFAULT_CONFIG`."""
+        return Path(self.config or REPO_ROOT / DEFAULT_CONFIG)
+
     def _config_file(self, export: ls_export.ProjectExport) -> Path:
         """The config this retrain starts from: ``--config``, else the served version's own config (when the
         project's class map still extends its classes), else :data:`DEFAULT_CONFIG`."""
-        default = self.config or REPO_ROOT / DEFAULT_CONFIG
         served = self.registry.current_version(self.project)
         if served is None:
-            return default
+            return self.recipe
         vdir = self.registry.version_dir(self.project, served)
         parent_classes = read_classes(vdir / CLASSES_FILE)
         if export.labels[: len(parent_classes)] != parent_classes:
-            return default
-        return self.config or vdir / CONFIG_FILE
+            return self.recipe
+        return self.recipe if self.config else vdir / CONFIG_FILE
 
     def _train(self, export: ls_export.ProjectExport, train_json: Path, out_dir: Path) -> Trained:
         """Configure the run (first version, continuation, or grown classes) and train it."""
@@ -365,9 +369,8 @@ class RetrainJob:
         cfg = build_config(str(config_file), opts + list(self.opts), train_json=str(train_json),
                            train_images=str(export.image_dir))
         cfg.defrost()
-        recipe = self.config or REPO_ROOT / DEFAULT_CONFIG
-        if Path(config_file) != Path(recipe):  # continuing from the served version's own config
-            follow_recipe(cfg, build_config(str(recipe), list(self.opts)))
+        if Path(config_file) != self.recipe:  # continuing from the served version's own config
+            follow_recipe(cfg, build_config(str(self.recipe), list(self.opts)))
         if grown_from is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             report = grow_class_rows(grown_from, cfg, len(parent_classes), out_dir / "model_parent_grown.pth")
