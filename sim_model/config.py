@@ -301,6 +301,10 @@ def add_sim_config(cfg: CN) -> CN:
     # 0.927; coco-mini-val2017 0.647 / 0.647, 0.693 / 0.693; `python -m training.evaluate ... TEST.REFINE.ITERATIONS 1`)
     # and ~10 ms faster per further box (training.interactive_benchmark).
     _c.TEST.REFINE.ITERATIONS = 1
+    # The box's short side in GrabCut's working crop (pixels; the cold start uses 96, grabcut.py). 80 is as good as
+    # 96 on balloon-val, coco-mini-val2017 and dsb2018-nuclei-val and a third cheaper per box (docs/benchmarks.md,
+    # "Interactive latency").
+    _c.TEST.REFINE.SHORT_SIDE = 80
 
     # ------------------------------------------------------------------ the vote with GrabCut (SIM engine)
     # The map M̂_prob votes with GrabCut from the rectangle (the cold start's settings) and, when REFINE is on

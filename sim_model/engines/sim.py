@@ -117,7 +117,7 @@ class SIMBoxToMask(BoxToMask):
         r = cfg.TEST.REFINE
         self.refine = bool(r.ENABLED if refine is None else refine)
         self.refine_low, self.refine_high = float(r.THRESH_LOW), float(r.THRESH_HIGH)
-        self.refiner = GrabCutBoxToMask(iterations=int(r.ITERATIONS))
+        self.refiner = GrabCutBoxToMask(iterations=int(r.ITERATIONS), short_side=int(r.SHORT_SIDE))
         v = cfg.TEST.VOTE
         self.vote = bool(v.ENABLED if vote is None else vote)
         self.map_weight = float(v.MAP_WEIGHT if map_weight is None else map_weight)

@@ -39,6 +39,7 @@ def test_a_continued_retrain_takes_the_schedule_and_colour_steps_from_the_recipe
     from training.retrain import follow_recipe
 
     old = build_config(DEFAULT_CONFIG, ["RETRAIN.MAX_ITER", "3000", "TEST.REFINE.ITERATIONS", "2",
+                                        "TEST.REFINE.SHORT_SIDE", "96",
                                         "TEST.VOTE.MAP_WEIGHT", "0.5", "SOLVER.BASE_LR", "0.123"])
     dumped = tmp_path / "config.yaml"
     dumped.write_text(old.dump())
@@ -48,5 +49,6 @@ def test_a_continued_retrain_takes_the_schedule_and_colour_steps_from_the_recipe
     recipe = build_config(DEFAULT_CONFIG)
     assert cfg.RETRAIN.MAX_ITER == recipe.RETRAIN.MAX_ITER != 3000 and cfg.RETRAIN.MIN_ITER == 150
     assert cfg.TEST.REFINE.ITERATIONS == recipe.TEST.REFINE.ITERATIONS != 2
+    assert cfg.TEST.REFINE.SHORT_SIDE == recipe.TEST.REFINE.SHORT_SIDE != 96
     assert cfg.TEST.VOTE.MAP_WEIGHT == recipe.TEST.VOTE.MAP_WEIGHT != 0.5
     assert cfg.SOLVER.BASE_LR == 0.123  # what the network was trained with stays the version's
