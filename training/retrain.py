@@ -147,10 +147,10 @@ def retrain_schedule(cfg: CfgNode, n_images: int, start_iter: int = 0,
 
 
 #: Config nodes that a continued retrain takes from the recipe (``--config`` or :data:`DEFAULT_CONFIG`, with the
-#: ``KEY VALUE`` overrides), not from the served version's config.yaml: the retrain's policy and the colour steps'
-#: settings are not learned, so a changed default (e.g. ``RETRAIN.MAX_ITER``) reaches projects that already have
-#: versions.
-RECIPE_NODES = ("RETRAIN", "TEST.REFINE", "TEST.VOTE")
+#: ``KEY VALUE`` overrides), not from the served version's config.yaml: the retrain's policy, the colour steps'
+#: settings and the weight of the annotators' masks are not learned, so a changed default (e.g.
+#: ``RETRAIN.MAX_ITER``, ``MODEL.MASK_SUPERVISION.WEIGHT``) reaches projects that already have versions.
+RECIPE_NODES = ("RETRAIN", "TEST.REFINE", "TEST.VOTE", "MODEL.MASK_SUPERVISION")
 
 
 def follow_recipe(cfg: CfgNode, recipe: CfgNode) -> None:

@@ -65,7 +65,8 @@ def test_the_supervised_instance_learns_its_mask_the_others_add_nothing():
     gt = torch.stack([torch.nn.functional.interpolate(torch.from_numpy(m)[None, None].float(), size=(h, w))[0, 0] > 0.5
                       for m in full])
     cfg = build_config("configs/SIM_close_EffLite0_FPN_cpu.yaml", [
-        "MODEL.SIM.ENABLED", "False", "SOLVER.IMS_PER_BATCH", "1", "MODEL.DEVICE", "cpu"],
+        "MODEL.SIM.ENABLED", "False", "SOLVER.IMS_PER_BATCH", "1", "MODEL.DEVICE", "cpu",
+        "MODEL.MASK_SUPERVISION.WEIGHT", "1.0"],
         train_json=str(TRAIN_JSON), train_images=str(TRAIN_IMAGES))
     model = build_model(cfg).train()
 

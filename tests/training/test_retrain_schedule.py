@@ -34,12 +34,13 @@ def test_bad_bounds_raise():
         retrain_schedule(_cfg(), -1)
 
 
-def test_a_continued_retrain_takes_the_schedule_and_colour_steps_from_the_recipe(tmp_path):
+def test_a_continued_retrain_takes_the_schedule_colour_steps_and_mask_weight_from_the_recipe(tmp_path):
     """A version written under older defaults (its config.yaml is a full dump) must not pin them forever."""
     from training.retrain import follow_recipe
 
     old = build_config(DEFAULT_CONFIG, ["RETRAIN.MAX_ITER", "3000", "TEST.REFINE.ITERATIONS", "2",
                                         "TEST.REFINE.SHORT_SIDE", "96",
+                                        "MODEL.MASK_SUPERVISION.WEIGHT", "1.0",
                                         "TEST.VOTE.MAP_WEIGHT", "0.5", "SOLVER.BASE_LR", "0.123"])
     dumped = tmp_path / "config.yaml"
     dumped.write_text(old.dump())
@@ -50,5 +51,6 @@ def test_a_continued_retrain_takes_the_schedule_and_colour_steps_from_the_recipe
     assert cfg.RETRAIN.MAX_ITER == recipe.RETRAIN.MAX_ITER != 3000 and cfg.RETRAIN.MIN_ITER == 150
     assert cfg.TEST.REFINE.ITERATIONS == recipe.TEST.REFINE.ITERATIONS != 2
     assert cfg.TEST.REFINE.SHORT_SIDE == recipe.TEST.REFINE.SHORT_SIDE != 96
+    assert cfg.MODEL.MASK_SUPERVISION.WEIGHT == recipe.MODEL.MASK_SUPERVISION.WEIGHT != 1.0
     assert cfg.TEST.VOTE.MAP_WEIGHT == recipe.TEST.VOTE.MAP_WEIGHT != 0.5
     assert cfg.SOLVER.BASE_LR == 0.123  # what the network was trained with stays the version's
