@@ -262,7 +262,7 @@ def add_sim_config(cfg: CN) -> CN:
     # 50 masks made every variant worse than boxes only (coco-mini-val2017 @600 map 0.507 vs 0.650, vote 0.695 vs
     # 0.707; balloon-val and dsb2018-nuclei-val too, by less), the mask loss did not converge and doubled the colour
     # pairwise loss of the box-only instances; at 0.25, coco-mini @400: map 0.628 (0.485 at 1.0, 0.625 with boxes
-    # only), vote 0.706 (0.699 with boxes only); balloon and dsb2018 not rerun (docs/benchmarks.md, "Masks that learn").
+    # only), vote 0.706 (0.699 with boxes only); balloon @400 within its noise; dsb2018 not rerun (docs/benchmarks.md).
     _c.MODEL.MASK_SUPERVISION = CN()
     _c.MODEL.MASK_SUPERVISION.WEIGHT = 0.25
     _c.MODEL.MASK_SUPERVISION.BCE_WEIGHT = 1.0
