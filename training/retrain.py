@@ -25,8 +25,9 @@ own progress):
    checkpoint (iteration, optimizer, teacher, prototypes: warm-ups are not restarted), or from the base
    weights of the config on the first run. Iterations: :func:`retrain_schedule` from the number of
    annotated images (``RETRAIN.EPOCHS``, ``MIN_ITER``, ``MAX_ITER``; ``--max-iter`` overrides), the LR
-   dropping at ``RETRAIN.LR_STEPS`` of them; a continuation takes these and the colour steps' keys from the
-   recipe, the rest from the current version's config (:func:`follow_recipe`). When the class map has grown
+   dropping at ``RETRAIN.LR_STEPS`` of them; a continuation takes these, the colour steps' keys and the weight
+   of the annotators' masks from the recipe (:data:`RECIPE_NODES`), the rest from the current version's config
+   (:func:`follow_recipe`). When the class map has grown
    since the current version, only its weights are loaded, the class rows grown
    (:func:`sim_model.checkpoint.grow_class_rows`), and the schedule restarts;
 5. evaluate — box→mask mIoU and AP on the held-out masks, for the new version's map alone and with each
