@@ -261,8 +261,9 @@ def add_sim_config(cfg: CN) -> CN:
     # ``loss_mask`` (0 when a batch has none; WEIGHT 0 removes the loss). Not in the papers. WEIGHT 0.25: at 1.0
     # 50 masks made every variant worse than boxes only (coco-mini-val2017 @600 map 0.507 vs 0.650, vote 0.695 vs
     # 0.707; balloon-val and dsb2018-nuclei-val too, by less), the mask loss did not converge and doubled the colour
-    # pairwise loss of the box-only instances; at 0.25, coco-mini @400: map 0.628 (0.485 at 1.0, 0.625 with boxes
-    # only), vote 0.706 (0.699 with boxes only); balloon @400 within its noise; dsb2018 not rerun (docs/benchmarks.md).
+    # pairwise loss of the box-only instances; at 0.25 (coco-mini/balloon @600, dsb2018 @800) the best variant equals
+    # boxes only (0.707 / 0.924 / 0.865 vs 0.707 / 0.924 / 0.867), coco-mini's map still loses (0.623 vs 0.650);
+    # balloon with 100 masks +0.007 (docs/benchmarks.md, "Masks that learn").
     _c.MODEL.MASK_SUPERVISION = CN()
     _c.MODEL.MASK_SUPERVISION.WEIGHT = 0.25
     _c.MODEL.MASK_SUPERVISION.BCE_WEIGHT = 1.0
