@@ -219,13 +219,15 @@ def plot(path: Path, key: str, curve: list[dict], fractions: list[dict], masks: 
               ("corrected masks", masks, "n_masks")]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
     for ax, (title, points, x) in zip(axes, panels):
+        drawn = False
         for e, style in zip(ENGINES, itertools.cycle(("o-", "s--", "^-", "v--"))):
             pts = sorted((p[x], p[e]["mIoU"]) for p in points if e in p)
             if pts:
                 ax.plot([a for a, _ in pts], [b for _, b in pts], style, label=f"SIM {e}")
+                drawn = True
         for name, style in (("grabcut", "r:"), ("box", "k:")):
             ax.axhline(refs[name]["mIoU"], linestyle=":", color=style[0], label=name)
-        if not any(e in p for p in points for e in ENGINES):
+        if not drawn:
             ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center", color="grey")
         ax.set_xlabel(title)
         ax.grid(alpha=0.3)
