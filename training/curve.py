@@ -32,7 +32,8 @@ Rows written under ``--key`` of docs/benchmarks.json (:func:`sim_model.results.r
 ``box`` and ``grabcut`` (references), ``learned`` (the best engine variant of the full run at the last
 checkpoint whose training fits ``--budget-min`` CPU minutes), ``learned_masks50`` (the same with 50
 corrected masks), and one row per curve point (``learned_<engine>@<it>``, ``learned_<engine>_f<pct>``,
-``learned_<engine>_m<n>``), each with ``train_minutes_cpu``; a PNG per dataset, ``docs/curve-<key>.png``.
+``learned_<engine>_m<n>``), each with ``train_minutes_cpu``; a PNG per dataset, ``docs/curve-<key>.png``,
+of every point recorded under the key (:func:`recorded_points`), so runs of earlier invocations stay on it.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import shlex
 import subprocess
@@ -53,7 +55,7 @@ from typing import Sequence
 
 from sim_model.datasets import REPO_ROOT, split_files
 from sim_model.registry import engine_variants
-from sim_model.results import DOCS_JSON, record_results
+from sim_model.results import DOCS_JSON, load_results, record_results
 
 #: The rows kept in the docs table for each run (the per-box list is dropped).
 FIGURES = ("mIoU", "mIoU_small", "mIoU_medium", "mIoU_large", "AP", "AP50", "AP75", "ms_per_box", "ms_per_image",
@@ -208,6 +210,37 @@ def best_engine(figures: dict[str, dict], engines: Sequence[str] = ENGINES) -> s
     return max((e for e in engines if e in figures), key=lambda e: figures[e]["mIoU"])
 
 
+#: A curve point's row name: ``learned_<engine>@<iterations>`` (full run), ``…_f<percent>`` (fractions),
+#: ``…_m<masks>`` (corrected masks).
+ROW_NAME = re.compile(r"learned_(?P<engine>[a-z+]+)(?:@(?P<at>\d+)|_f(?P<f>\d+)|_m(?P<m>\d+))")
+#: What a point carries besides its engines' figures.
+POINT_META = ("iterations", "train_minutes_cpu", "n_train_images", "n_train_boxes", "n_masks")
+
+
+def recorded_points(table: dict) -> tuple[list[dict], list[dict], list[dict]]:
+    """The curve points recorded in one table of docs/benchmarks.json, as :func:`main` builds them: a point
+    is ``{"iterations": …, "train_minutes_cpu": …, "n_train_images": …, "n_train_boxes": …, "n_masks": …,
+    <engine>: {figures}}`` for every engine recorded at that point. The plot draws these, so a curve built
+    over several sessions (whose run folders are gone) keeps its earlier points.
+
+    Args:
+        table: ``load_results()[key]``: row name → row.
+
+    Returns:
+        (iteration curve, fraction points, corrected-mask points), each sorted by its axis.
+    """
+    axes: dict[str, dict[str, dict]] = {"at": {}, "f": {}, "m": {}}
+    for row_name, row in table.items():
+        m = ROW_NAME.fullmatch(row_name)
+        if m is None:
+            continue
+        axis = next(a for a in axes if m.group(a) is not None)
+        point = axes[axis].setdefault(m.group(axis), {k: row[k] for k in POINT_META if k in row})
+        point[m.group("engine")] = {k: row[k] for k in FIGURES if k in row}
+    order = {"at": "iterations", "f": "n_train_images", "m": "n_masks"}
+    return tuple(sorted(axes[a].values(), key=lambda q: q.get(order[a], 0)) for a in ("at", "f", "m"))
+
+
 def plot(path: Path, key: str, curve: list[dict], fractions: list[dict], masks: list[dict], refs: dict) -> None:
     """mIoU against iterations, training boxes and corrected masks, GrabCut and the box as lines."""
     import matplotlib
@@ -341,9 +374,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row_name, q in rows.items():
         e = row_name.split("_")[1].split("@")[0] if row_name.startswith(
             tuple(f"learned_{x}" for x in ENGINES + ABLATION)) else best_engine(q, engines_asked)
-        meta = {k: q[k] for k in ("iterations", "train_minutes_cpu", "n_train_images", "n_train_boxes", "n_masks")}
+        meta = {k: q[k] for k in POINT_META}
         record_results(key, row_name, {**q[e], **meta, "engine": e}, command)
-    plot(REPO_ROOT / "docs" / f"curve-{key}.png", key, curve, by_fraction, by_masks, refs)
+    # every point under the key, also those of earlier invocations (other --runs, run folders since deleted)
+    plot(REPO_ROOT / "docs" / f"curve-{key}.png", key, *recorded_points(load_results()[key]), refs)
     print(f"[curve] wrote {DOCS_JSON} [{key}] and docs/curve-{key}.png", flush=True)
     return 0
 

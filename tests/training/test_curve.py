@@ -32,3 +32,29 @@ def test_subsets_take_a_seeded_share_of_the_images_and_mark_exactly_n_masks(tmp_
         subset_json(train.json, tmp_path / "x.json", 0.1, n_masks=10_000)
     with pytest.raises(ValueError):
         subset_json(train.json, tmp_path / "x.json", 0.0)
+
+
+def test_recorded_rows_give_back_the_points_the_plot_draws():
+    from training.curve import FIGURES, recorded_points
+
+    def figs(miou):
+        return {"mIoU": miou, "AP": 10.0 * miou, "ms_per_box": 40.0}
+
+    meta = {"train_minutes_cpu": 30.0, "n_train_images": 61, "n_train_boxes": 255}
+    table = {"grabcut": figs(0.9), "learned": {**figs(0.93), **meta, "iterations": 800, "n_masks": 0},
+             "learned_map@200": {**figs(0.8), **meta, "iterations": 200, "n_masks": 0, "engine": "map"},
+             "learned_refine+vote@200": {**figs(0.85), **meta, "iterations": 200, "n_masks": 0},
+             "learned_map@1200": {**figs(0.82), **meta, "iterations": 1200, "n_masks": 0},
+             "learned_whole@1200": {**figs(0.7), **meta, "iterations": 1200, "n_masks": 0},
+             "learned_vote_f26": {**figs(0.91), **meta, "iterations": 600, "n_train_images": 16, "n_masks": 0},
+             "learned_vote_m100": {**figs(0.92), **meta, "iterations": 600, "n_masks": 100},
+             "learned_vote_m25": {**figs(0.90), **meta, "iterations": 600, "n_masks": 25},
+             "learned_map_m25": {**figs(0.88), **meta, "iterations": 600, "n_masks": 25}}
+    curve, fractions, masks = recorded_points(table)
+    assert [q["iterations"] for q in curve] == [200, 1200]
+    assert set(curve[0]) - set(meta) == {"iterations", "n_masks", "map", "refine+vote"}
+    assert curve[0]["refine+vote"] == figs(0.85) and set(curve[0]["map"]) <= set(FIGURES)
+    assert curve[1]["whole"]["mIoU"] == 0.7
+    assert [q["n_train_images"] for q in fractions] == [16] and fractions[0]["vote"]["mIoU"] == 0.91
+    assert [q["n_masks"] for q in masks] == [25, 100]
+    assert masks[0]["map"]["mIoU"] == 0.88 and masks[0]["vote"]["mIoU"] == 0.90 and "map" not in masks[1]
