@@ -134,11 +134,13 @@ def main() -> int:
            "total_minutes": total / 60.0, "exit": rc, **seconds}
     row = f"{args.images}-images-2-cpu-cores"
     if any(a.split("=")[0] == "--max-iter" for a in args.retrain_args) and iterations and "step4_s" in seconds:
-        from training.retrain import DEFAULT_CONFIG, retrain_schedule
+        from training.retrain import DEFAULT_CONFIG, _parser, retrain_schedule
         from training.train import build_config
 
         row += f"-max-iter-{iterations}"
-        cfg = build_config(str(REPO_ROOT / DEFAULT_CONFIG))
+        # the configuration the retrain trained: its --config (a first version) and KEY VALUE overrides
+        given = _parser().parse_args(["--project", "1", *args.retrain_args])
+        cfg = build_config(str(REPO_ROOT / (given.config or DEFAULT_CONFIG)), given.opts)
         schedule = retrain_schedule(cfg, len({a["image_id"] for a in coco["annotations"]}))[0]
         fig["schedule_iterations"] = schedule
         sim = [(t, i) for t, i in progress if i >= cfg.MODEL.SIM.WARMUP_ITERS]
