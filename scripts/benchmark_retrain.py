@@ -150,7 +150,7 @@ def main() -> int:
             fig["projected_minutes"] = (total + rate * max(schedule - iterations, 0)) / 60.0
     print(json.dumps(fig, indent=2))
     if not args.no_write:
-        record_results("retrain-night", row, fig, "python scripts/benchmark_retrain.py " + " ".join(sys.argv[1:]),
+        record_results("retrain-night", row, fig, " ".join(["python scripts/benchmark_retrain.py", *sys.argv[1:]]),
                        machine=machine)
     return rc
 

@@ -329,8 +329,9 @@ def add_sim_config(cfg: CN) -> CN:
     # GrabCut passes GrabCut between 52 and 79 epochs and stays flat to 157 (training.curve, balloon-val).
     # MAX_ITER fits a 500-image project into 2 hours on 2 CPU cores, measured by scripts/benchmark_retrain.py
     # (`-- --max-iter 400`, docs/benchmarks.md "retrain-night"): 2.9 s per step once SIM's losses run, 12.5 min
-    # for everything but training (S_k of 16k boxes 11.8 min): 3000 steps would take ~155 min, 2000 take
-    # ~107 min for a first version and ~110 min for a continued one (every step after SIM's gate).
+    # for everything but training (S_k of 16k boxes 11.8 min): 3000 steps would take ~155 min, 2000 ~107 min.
+    # The whole 2000-step night, measured since (`python scripts/benchmark_retrain.py`): 100.9 min for a first
+    # version (training 89 min, 2.72 s per step after SIM's gate); a continued one ~103 min (not run).
     _c.RETRAIN.EPOCHS = 80.0
     _c.RETRAIN.MIN_ITER = 200
     _c.RETRAIN.MAX_ITER = 2000
