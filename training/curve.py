@@ -372,8 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if fifty:
         rows["learned_masks50"] = fifty[0]
     for row_name, q in rows.items():
-        e = row_name.split("_")[1].split("@")[0] if row_name.startswith(
-            tuple(f"learned_{x}" for x in ENGINES + ABLATION)) else best_engine(q, engines_asked)
+        point_row = ROW_NAME.fullmatch(row_name)  # a curve point's row names its engine; learned* the best
+        e = point_row.group("engine") if point_row else best_engine(q, engines_asked)
         meta = {k: q[k] for k in POINT_META}
         record_results(key, row_name, {**q[e], **meta, "engine": e}, command)
     # every point under the key, also those of earlier invocations (other --runs, run folders since deleted)
