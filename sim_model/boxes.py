@@ -8,7 +8,7 @@ bounds for one box (NumPy, used by every engine for its box-local mask), :func:`
 many boxes at once (torch, full resolution or sampled at a stride for the network's mask grid);
 :func:`mask_boxes` goes the other way, from masks to their tight boxes. :func:`context_window` is the
 window around a box that the close look (the network on a crop around the box) sees, in training and
-at inference.
+at inference; :func:`visible_box_share` how much of a box such a window (or any view) holds.
 """
 from __future__ import annotations
 
@@ -128,10 +128,25 @@ def mask_boxes(masks: "torch.Tensor | np.ndarray") -> "torch.Tensor":
     return b
 
 
+def visible_box_share(boxes: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
+    """Share of each box's area inside the image: (N,) float32 in [0, 1] (1 for an empty box).
+
+    Args:
+        boxes: (N, 4) float XYXY in pixels of the view, not clipped (they may reach outside it).
+        image_hw: (h, w) of the view in pixels.
+    """
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    h, w = image_hw
+    area = (boxes[:, 2] - boxes[:, 0]).clip(0) * (boxes[:, 3] - boxes[:, 1]).clip(0)
+    inside = ((boxes[:, 2].clip(0, w) - boxes[:, 0].clip(0, w)).clip(0)
+              * (boxes[:, 3].clip(0, h) - boxes[:, 1].clip(0, h)).clip(0))
+    return np.where(area > 0, inside / np.maximum(area, 1e-12), 1.0).astype(np.float32)
+
+
 def xywh_to_xyxy(bbox: Sequence[float]) -> np.ndarray:
     """COCO [x, y, w, h] (pixels) → (4,) float32 XYXY (pixels)."""
     x, y, w, h = (float(v) for v in bbox)
     return np.array([x, y, x + w, y + h], np.float32)
 
 
-__all__ = ["box_pixel_bounds", "box_masks", "mask_boxes", "xywh_to_xyxy"]
+__all__ = ["box_pixel_bounds", "box_masks", "context_window", "mask_boxes", "visible_box_share", "xywh_to_xyxy"]

@@ -5,7 +5,9 @@ the backbones) and configured by :func:`sim_model.config.add_sim_config`. Like d
 ``GeneralizedRCNN`` it only wires parts together:
 
 - the network (:mod:`sim_model.modeling.network`): backbone + FPN, FCOS head, mask branch, dynamic head;
-- BoxInst's losses (:mod:`sim_model.losses.boxinst`), prepared once per batch;
+- BoxInst's losses (:mod:`sim_model.losses.boxinst`), prepared once per batch; only objects whose box is
+  tight in the view (``gt_box_tight``, :mod:`training.data`: a box-centred crop cuts its neighbours'
+  boxes) train masks, every object trains detection;
 - SIM (:mod:`sim_model.sim`): momentum teacher, prototypes, copy-paste and its losses.
 
 In training ``forward`` returns a dict of ``loss_*`` scalars:
@@ -229,7 +231,9 @@ class CondInst(nn.Module):
         Args:
             batched_inputs: detectron2 dataset dicts with ``image`` ((3, H, W) uint8 in ``input_format``)
                 and ``instances`` (``gt_boxes`` XYXY px, ``gt_classes``; optionally ``gt_masks`` BitMasks
-                (M, H, W) and ``gt_mask_supervised`` (M,) bool, the rows that are annotators' masks).
+                (M, H, W) and ``gt_mask_supervised`` (M,) bool, the rows that are annotators' masks, and
+                ``gt_box_tight`` (M,) bool, False for boxes that the view cut: those objects train
+                detection but no mask loss; default all True).
         """
         it = int(self.iteration.item())
         s = self.sim
@@ -249,12 +253,17 @@ class CondInst(nn.Module):
         supervised = [(g.gt_mask_supervised.bool() if g.has("gt_mask_supervised") else
                        torch.zeros(len(g), dtype=torch.bool, device=self.device)) for g in gts]
         gt_masks = [g.gt_masks.tensor.bool() if g.has("gt_masks") else None for g in gts]
+        tight = [(g.gt_box_tight.bool() if g.has("gt_box_tight") else
+                  torch.ones(len(g), dtype=torch.bool, device=self.device)) for g in gts]
         if sim_on and s.copy_paste and self.memory_bank is not None and len(self.memory_bank) > 0:
             pasted = copy_paste_batch(self.memory_bank, raw, boxes, classes, s.paste_fraction, s.paste_min,
                                       s.paste_max, s.min_visible_pixels, generator=self._generator)
             raw, boxes, classes = pasted.images, pasted.boxes, pasted.classes
             is_pasted, paste_masks = pasted.is_pasted, pasted.paste_masks
             supervised, gt_masks = _masks_after_paste(supervised, gt_masks, pasted.kept, paste_masks)
+            # a pasted object's box is its mask's tight box
+            tight = [torch.cat([t[keep], t.new_ones(pm.shape[0])]) for t, keep, pm in zip(tight, pasted.kept,
+                                                                                          paste_masks)]
 
         images = self.preprocess_image(raw)
         rgb = ImageList.from_tensors([to_rgb(x, self.input_format) for x in raw], self.size_divisibility)
@@ -267,8 +276,10 @@ class CondInst(nn.Module):
         losses = fcos.losses(out.head, targets)
 
         positives = targets.positives(out.head.locations.shape[0])
-        trained = positives.select(sample_mask_positives(out.head, positives, self.topk_proposals_per_im,
-                                                         self.max_proposals))
+        # objects whose box the view cut (not tight, training.data) train detection, not masks
+        maskable = positives.select(torch.nonzero(torch.cat(tight)[positives.object]).squeeze(1))
+        trained = maskable.select(sample_mask_positives(out.head, maskable, self.topk_proposals_per_im,
+                                                        self.max_proposals))
         mask_logits = self.net.mask_logits(out, trained.image, trained.location)  # (P, 1, Hm, Wm)
         box_grid_masks = torch.cat(prep["box_masks"])  # (M, Hm, Wm)
         affinity = prep["color_similarity"][trained.image]
@@ -303,7 +314,7 @@ class CondInst(nn.Module):
             if s.copy_paste:
                 losses["loss_paste"] = zero
             if sim_on:
-                batch = SIMBatch(raw, boxes, classes, is_pasted, paste_masks, box_grid_masks)
+                batch = SIMBatch(raw, boxes, classes, is_pasted, paste_masks, box_grid_masks, tight)
                 losses.update(sim_losses(s, batch, positives, trained, mask_logits,
                                          teacher_net(self.teacher, self.net), t_out, self.mask_out_stride,
                                          self.prototypes, self.memory_bank))

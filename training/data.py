@@ -10,7 +10,11 @@ only.
 
 With ``INPUT.BOX_CROP.ENABLED`` a share of the views are box-centred crops (:class:`BoxCenteredCrop`):
 the window of :func:`sim_model.boxes.context_window` around one randomly drawn box, resized to
-``INPUT.BOX_CROP.MIN_SIZE_TRAIN`` — the scale at which the SIM engine's close look sees a box.
+``INPUT.BOX_CROP.MIN_SIZE_TRAIN`` — the scale at which the SIM engine's close look sees a box. Such a
+view cuts many of the other objects it holds; a cut object's box, clipped to the view, is no longer
+tight along the cut, so the instances get ``gt_box_tight`` ((M,) bool): False where less than
+``INPUT.BOX_CROP.MASK_MIN_VISIBLE`` of the box area is inside the view (those train detection, not masks;
+:mod:`sim_model.condinst`).
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from detectron2.data.datasets import load_coco_json
 from detectron2.structures import BitMasks, BoxMode, polygons_to_bitmask
 from pycocotools import mask as mask_util
 
-from sim_model.boxes import context_window
+from sim_model.boxes import context_window, visible_box_share
 from training.coco import MASK_SUPERVISED_KEY
 
 logger = logging.getLogger(__name__)
@@ -99,7 +103,7 @@ class BoxCenteredCrop(T.Augmentation):
 class BoxOnlyDatasetMapper:
     """detectron2 mapper for box-supervised training: image + ``gt_boxes`` / ``gt_classes``, and
     ``gt_masks`` (BitMasks, all-zero rows) + ``gt_mask_supervised`` ((M,) bool) for the instances whose
-    mask supervises them (module docstring).
+    mask supervises them, and ``gt_box_tight`` ((M,) bool: the box is tight in this view, module docstring).
 
     Augmentations: ``ResizeShortestEdge(INPUT.MIN_SIZE_TRAIN, INPUT.MAX_SIZE_TRAIN)`` and a horizontal
     flip (``INPUT.RANDOM_FLIP``); with ``INPUT.BOX_CROP.ENABLED``, a share ``INPUT.BOX_CROP.PROB`` of the
@@ -114,6 +118,7 @@ class BoxOnlyDatasetMapper:
         self.image_format = cfg.INPUT.FORMAT
         bc = cfg.INPUT.BOX_CROP
         self.box_crop_prob = float(bc.PROB) if (is_train and bc.ENABLED) else 0.0
+        self.mask_min_visible = float(bc.MASK_MIN_VISIBLE)
         flip = [T.RandomFlip()] if cfg.INPUT.RANDOM_FLIP == "horizontal" else []
         self.box_crop = T.AugmentationList([
             BoxCenteredCrop(tuple(bc.CONTEXT), bc.JITTER),
@@ -147,6 +152,8 @@ class BoxOnlyDatasetMapper:
                     masks[i] = transforms.apply_segmentation(full.astype(np.uint8)).astype(bool)
             instances.gt_masks = BitMasks(torch.from_numpy(masks))
         instances.gt_mask_supervised = torch.tensor(supervised, dtype=torch.bool).reshape(-1)
+        instances.gt_box_tight = torch.from_numpy(visible_box_share(transforms.apply_box(boxes), (h, w))
+                                                  >= self.mask_min_visible)
         d["instances"] = utils.filter_empty_instances(instances, by_mask=False)
         return d
 

@@ -32,6 +32,8 @@ class SIMBatch:
         boxes: (M_i, 4) float XYXY px objects; classes: (M_i,) long; is_pasted: (M_i,) bool.
         paste_masks: (K_i, H_i, W_i) bool masks of the pasted objects (the last K_i of each image).
         box_grid_masks: (Σ M_i, Hm, Wm) float {0, 1} every object's box on the mask grid.
+        box_tight: (M_i,) bool, False for objects whose box the view cut (``gt_box_tight``,
+            :mod:`training.data`): their pseudo masks are not pushed into the memory bank.
     """
 
     images: Sequence[torch.Tensor]
@@ -40,6 +42,7 @@ class SIMBatch:
     is_pasted: Sequence[torch.Tensor]
     paste_masks: Sequence[torch.Tensor]
     box_grid_masks: torch.Tensor
+    box_tight: Sequence[torch.Tensor]
 
 
 def sim_losses(settings: SIMSettings, batch: SIMBatch, positives: Positives, trained: Positives,
@@ -54,7 +57,7 @@ def sim_losses(settings: SIMSettings, batch: SIMBatch, positives: Positives, tra
     trains the masks of pasted objects on their pasted masks (Eq. 9). The prototypes of each class of
     each image are fed the teacher features of in-box pixels whose M_I exceeds
     ``prototype_input_thresh`` (official code); the bank receives each image with its real objects'
-    pseudo masks (M̂_prob ≥ τ_high, at image resolution) and S_k.
+    pseudo masks (M̂_prob ≥ τ_high, at image resolution) and S_k, except objects whose box the view cut.
 
     Args:
         settings: :class:`sim_model.config.SIMSettings`.
@@ -81,6 +84,7 @@ def sim_losses(settings: SIMSettings, batch: SIMBatch, positives: Positives, tra
                           for i, b in enumerate(batch.boxes)])
     covered, paste_grid = paste_masks_on_grid(batch.paste_masks, batch.is_pasted, grid_hw, stride)
     real = torch.nonzero(~gt_pasted).squeeze(1)
+    tight_r = torch.cat(list(batch.box_tight))[real]
     img_r, cls_r = gt_image[real], gt_classes[real]
     region = batch.box_grid_masks[real] * (~covered[img_r]).float()
     with torch.no_grad():
@@ -121,7 +125,7 @@ def sim_losses(settings: SIMSettings, batch: SIMBatch, positives: Positives, tra
                                       hard_assignment=s.hard_assignment)
         if s.copy_paste and memory_bank is not None:
             for im, image in enumerate(batch.images):
-                k = img_r == im
+                k = (img_r == im) & tight_r
                 if not bool(k.any()):
                     continue
                 h, w = image.shape[1:]

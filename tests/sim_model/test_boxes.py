@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from sim_model.boxes import box_masks, box_pixel_bounds, mask_boxes
+from sim_model.boxes import box_masks, box_pixel_bounds, mask_boxes, visible_box_share
 
 
 def _random_boxes(n, h, w, seed=0):
@@ -39,3 +39,14 @@ def test_grid_masks_sample_the_full_masks_at_pixel_centres():
     assert torch.equal(grid, full[:, 2::4, 2::4])
     # the box [0, 0, 31, 8] covers columns 0..30 and rows 0..7: column 30 is a sample centre, row 8 is not covered
     assert grid[-1, :2, :8].all() and not grid[-1, 2:].any() and grid[-1, 0, 7]
+
+
+def test_visible_box_share_is_the_area_inside_the_view():
+    boxes = np.array([[10, 10, 30, 20],     # inside
+                      [-10, 0, 10, 10],     # half cut on the left
+                      [90, 40, 110, 60],    # a quarter inside the bottom-right corner
+                      [120, 0, 130, 10],    # outside
+                      [5, 5, 5, 9]], np.float32)  # empty
+    share = visible_box_share(boxes, (50, 100))
+    assert share.dtype == np.float32
+    np.testing.assert_allclose(share, [1.0, 0.5, 0.25, 0.0, 1.0])

@@ -82,6 +82,27 @@ def test_sim_losses_after_the_gate_and_state_updates():
     sum(second.values()).backward()
 
 
+def test_boxes_cut_by_the_view_train_detection_but_no_mask():
+    # low thresholds: the untrained network's pseudo masks are not empty, so the memory bank gets them
+    cfg = _cfg("SIM_EffLite0_FPN_cpu.yaml", "MODEL.SIM.WARMUP_ITERS", "0", "MODEL.BOXINST.PAIRWISE.WARMUP_ITERS", "0",
+               "MODEL.SIM.THRESH_LOW", "0.01", "MODEL.SIM.THRESH_HIGH", "0.05")
+    batch = _batch(cfg)
+    tight_model = _seeded_model(cfg)
+    whole = tight_model(batch)
+    assert float(whole["loss_prj"]) > 0 and float(whole["loss_pseudo"]) > 0 and len(tight_model.memory_bank) > 0
+    for b in batch:  # every box cut by its view: nothing trains a mask, detection is unchanged
+        b["instances"].gt_box_tight = torch.zeros(len(b["instances"]), dtype=torch.bool)
+    model = _seeded_model(cfg)
+    cut = model(batch)
+    for k in ("loss_prj", "loss_pairwise", "loss_pseudo", "loss_paste"):
+        assert float(cut[k]) == 0.0, k
+    for k in ("loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"):
+        assert float(cut[k]) == pytest.approx(float(whole[k]), rel=1e-5), k
+    assert len(model.memory_bank) == 0  # no cut object's pseudo mask is kept for pasting
+    batch[0]["instances"].gt_box_tight[0] = True  # one whole box: its mask trains again
+    assert float(_seeded_model(cfg)(batch)["loss_prj"]) > 0
+
+
 def test_sim_without_teacher_and_pseudo_only_keys():
     cfg = _cfg("SIM_pseudo_EffLite0_FPN_cpu.yaml", "MODEL.SIM.WARMUP_ITERS", "0", "MODEL.SIM.TEACHER.ENABLED",
                "False")

@@ -88,3 +88,29 @@ def test_only_marked_masks_supervise_and_follow_the_crop(tmp_path):
     resized = torch.nn.functional.interpolate(full[None, None], size=(h, w), mode="nearest")[0, 0] > 0.5
     inter = (resized & masks[0]).sum().item()
     assert inter / (resized | masks[0]).sum().item() > 0.95
+
+
+def test_boxes_that_the_view_cuts_are_not_tight(tmp_path):
+    d, anns, image = _dataset(tmp_path)
+    assert len(anns) >= 3  # neighbours that a close look at one balloon cuts
+    np.random.seed(0)
+    crops = BoxOnlyDatasetMapper(_cfg("INPUT.BOX_CROP.ENABLED", "True", "INPUT.BOX_CROP.PROB", "1.0",
+                                      "INPUT.BOX_CROP.MASK_MIN_VISIBLE", "0.9"), is_train=True)
+    n_cut = 0
+    for _ in range(12):
+        out = crops(d)
+        inst, (h, w) = out["instances"], out["image"].shape[1:]
+        tight, boxes = inst.gt_box_tight, inst.gt_boxes.tensor
+        assert tight.dtype == torch.bool and len(tight) == len(inst)
+        assert tight.any()  # the centred box is whole
+        # a box that is not tight was clipped: it reaches the view's border
+        on_border = (boxes[:, 0] <= 0) | (boxes[:, 1] <= 0) | (boxes[:, 2] >= w) | (boxes[:, 3] >= h)
+        assert bool(on_border[~tight].all())
+        n_cut += int((~tight).sum())
+    assert n_cut > 0
+    # whole images cut nothing; MASK_MIN_VISIBLE 0 (the default) keeps every box for the masks
+    whole = BoxOnlyDatasetMapper(_cfg("INPUT.BOX_CROP.ENABLED", "False", "INPUT.BOX_CROP.MASK_MIN_VISIBLE", "0.9"),
+                                 is_train=True)(d)
+    assert bool(whole["instances"].gt_box_tight.all())
+    keep_all = BoxOnlyDatasetMapper(_cfg("INPUT.BOX_CROP.ENABLED", "True"), is_train=True)
+    assert all(bool(keep_all(d)["instances"].gt_box_tight.all()) for _ in range(6))
