@@ -221,7 +221,9 @@ def recorded_points(table: dict) -> tuple[list[dict], list[dict], list[dict]]:
     """The curve points recorded in one table of docs/benchmarks.json, as :func:`main` builds them: a point
     is ``{"iterations": …, "train_minutes_cpu": …, "n_train_images": …, "n_train_boxes": …, "n_masks": …,
     <engine>: {figures}}`` for every engine recorded at that point. The plot draws these, so a curve built
-    over several sessions (whose run folders are gone) keeps its earlier points.
+    over several sessions (whose run folders are gone) keeps its earlier points. As in :func:`main`, the full
+    run's point at the fraction (corrected-mask) runs' iterations is their 100 % (0 masks) point when no row
+    of its own records it (e.g. ``--runs fractions`` alone).
 
     Args:
         table: ``load_results()[key]``: row name → row.
@@ -237,6 +239,11 @@ def recorded_points(table: dict) -> tuple[list[dict], list[dict], list[dict]]:
         axis = next(a for a in axes if m.group(a) is not None)
         point = axes[axis].setdefault(m.group(axis), {k: row[k] for k in POINT_META if k in row})
         point[m.group("engine")] = {k: row[k] for k in FIGURES if k in row}
+    full_at = {q.get("iterations"): q for q in axes["at"].values()}
+    for axis, whole in (("f", "100"), ("m", "0")):
+        its = {q.get("iterations") for q in axes[axis].values()}
+        if whole not in axes[axis] and len(its) == 1 and its <= full_at.keys():
+            axes[axis][whole] = full_at[its.pop()]
     order = {"at": "iterations", "f": "n_train_images", "m": "n_masks"}
     return tuple(sorted(axes[a].values(), key=lambda q: q.get(order[a], 0)) for a in ("at", "f", "m"))
 

@@ -58,3 +58,10 @@ def test_recorded_rows_give_back_the_points_the_plot_draws():
     assert [q["n_train_images"] for q in fractions] == [16] and fractions[0]["vote"]["mIoU"] == 0.91
     assert [q["n_masks"] for q in masks] == [25, 100]
     assert masks[0]["map"]["mIoU"] == 0.88 and masks[0]["vote"]["mIoU"] == 0.90 and "map" not in masks[1]
+    # the full run at the fraction and mask runs' 600 iterations is their 100 % and 0-mask point
+    table["learned_vote@600"] = {**figs(0.915), **meta, "iterations": 600, "n_masks": 0}
+    curve, fractions, masks = recorded_points(table)
+    assert [q["n_train_images"] for q in fractions] == [16, 61] and fractions[1]["vote"]["mIoU"] == 0.915
+    assert [q["n_masks"] for q in masks] == [0, 25, 100] and masks[0]["vote"]["mIoU"] == 0.915
+    table["learned_vote_m0"] = {**figs(0.916), **meta, "iterations": 600, "n_masks": 0}  # its own row wins
+    assert recorded_points(table)[2][0]["vote"]["mIoU"] == 0.916
