@@ -294,7 +294,7 @@ def add_sim_config(cfg: CN) -> CN:
     # Objects with less than this share of their box area inside the view train detection only, not the masks
     # (no projection, pairwise, pseudo or paste loss, no memory-bank entry); the centred box is always whole.
     # 0 (default) trains every object's mask. 0.9 collapsed the masks: balloon-val @600 map 0.099, vote 0.888
-    # (0.903 / 0.918 with 0), M_I about 0.05 inside the box; we think the cut boxes' over-full projections were
+    # (0.903 / 0.918 with 0), M_I below 0.1 inside the box; we think the cut boxes' over-full projections were
     # what held SIM's pseudo-label loop from shrinking the masks (docs/benchmarks.md, "Masks that learn"). Not in
     # the papers.
     _c.INPUT.BOX_CROP.MASK_MIN_VISIBLE = 0.0
