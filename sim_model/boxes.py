@@ -128,19 +128,24 @@ def mask_boxes(masks: "torch.Tensor | np.ndarray") -> "torch.Tensor":
     return b
 
 
-def visible_box_share(boxes: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
-    """Share of each box's area inside the image: (N,) float32 in [0, 1] (1 for an empty box).
+def visible_box_share(boxes: "np.ndarray | torch.Tensor", image_hw: tuple[int, int]) -> "torch.Tensor":
+    """Share of each box's area inside the image (detectron2's ``Boxes.clip`` and ``Boxes.area``).
 
     Args:
         boxes: (N, 4) float XYXY in pixels of the view, not clipped (they may reach outside it).
         image_hw: (h, w) of the view in pixels.
+
+    Returns:
+        (N,) float32 in [0, 1]; 1 for an empty box.
     """
-    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-    h, w = image_hw
-    area = (boxes[:, 2] - boxes[:, 0]).clip(0) * (boxes[:, 3] - boxes[:, 1]).clip(0)
-    inside = ((boxes[:, 2].clip(0, w) - boxes[:, 0].clip(0, w)).clip(0)
-              * (boxes[:, 3].clip(0, h) - boxes[:, 1].clip(0, h)).clip(0))
-    return np.where(area > 0, inside / np.maximum(area, 1e-12), 1.0).astype(np.float32)
+    import torch  # deferred: see box_masks
+    from detectron2.structures import Boxes
+
+    whole = Boxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    inside = whole.clone()
+    inside.clip(image_hw)
+    area = whole.area()
+    return torch.where(area > 0, inside.area() / area.clamp(min=1e-12), torch.ones_like(area))
 
 
 def xywh_to_xyxy(bbox: Sequence[float]) -> np.ndarray:

@@ -152,8 +152,7 @@ class BoxOnlyDatasetMapper:
                     masks[i] = transforms.apply_segmentation(full.astype(np.uint8)).astype(bool)
             instances.gt_masks = BitMasks(torch.from_numpy(masks))
         instances.gt_mask_supervised = torch.tensor(supervised, dtype=torch.bool).reshape(-1)
-        instances.gt_box_tight = torch.from_numpy(visible_box_share(transforms.apply_box(boxes), (h, w))
-                                                  >= self.mask_min_visible)
+        instances.gt_box_tight = visible_box_share(transforms.apply_box(boxes), (h, w)) >= self.mask_min_visible
         d["instances"] = utils.filter_empty_instances(instances, by_mask=False)
         return d
 

@@ -48,5 +48,5 @@ def test_visible_box_share_is_the_area_inside_the_view():
                       [120, 0, 130, 10],    # outside
                       [5, 5, 5, 9]], np.float32)  # empty
     share = visible_box_share(boxes, (50, 100))
-    assert share.dtype == np.float32
-    np.testing.assert_allclose(share, [1.0, 0.5, 0.25, 0.0, 1.0])
+    assert share.dtype == torch.float32
+    np.testing.assert_allclose(share.numpy(), [1.0, 0.5, 0.25, 0.0, 1.0])
