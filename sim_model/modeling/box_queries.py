@@ -22,10 +22,19 @@ from sim_model.modeling.mask_head import aligned_bilinear
 from sim_model.modeling.network import CondInstNet
 
 
+def in_training_mode(net: torch.nn.Module) -> bool:
+    """Whether ``net`` or any of its submodules is in training mode."""
+    return any(m.training for m in net.modules())
+
+
 @contextmanager
 def eval_mode(net: torch.nn.Module) -> Iterator[None]:
     """Run ``net`` in eval mode (a norm layer must neither use nor update batch statistics), then restore
-    its previous mode."""
+    its previous mode. A network already wholly in eval mode (a served engine's) is left alone: switching
+    modes walks every submodule twice, ~2 ms per call on a CPU (a close-look box makes three such calls)."""
+    if not in_training_mode(net):
+        yield
+        return
     was_training = net.training
     net.eval()
     try:
@@ -225,7 +234,7 @@ def image_features(model, image: torch.Tensor, use_teacher: Optional[bool] = Non
             features = net.backbone(images.tensor)
             mask_feats = net.mask_branch([features[f] for f in net.mask_in_features])
     finally:
-        if teacher is not None:
+        if teacher is not None and in_training_mode(teacher.model):
             teacher.model.eval()
     head_features = [features[f] for f in net.in_features]
     locations, levels, strides = net.fcos.locations(head_features)

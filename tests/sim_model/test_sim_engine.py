@@ -248,3 +248,45 @@ def test_the_box_query_runs_the_head_only_where_the_box_is_and_changes_no_mask(e
     torch.testing.assert_close(again_boxes, full_boxes)
     assert sorted(calls) == sorted(fast._head)
     del fast.net.fcos.head.forward_level
+
+
+def test_a_cpu_engine_runs_channels_last_with_the_same_masks(sim_version_dir):
+    """The engine puts a CPU model's weights in channels-last memory format (faster oneDNN convolutions) and
+    its masks stay those of the contiguous model."""
+    fast = SIMBoxToMask.from_version_dir(sim_version_dir, feature_cache_size=0)
+    weights = [p for p in fast.model.parameters() if p.dim() == 4]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    assert not all(p.is_contiguous() for p in weights)  # (1×1 convolutions are both)
+    plain = SIMBoxToMask.from_version_dir(sim_version_dir, feature_cache_size=0)
+    plain.model.to(memory_format=torch.contiguous_format)
+    assert all(p.is_contiguous() for p in plain.model.parameters())
+    img, boxes = _image()
+    labels = [_labels(fast)[0]] * len(boxes)
+    a, b = fast.predict(img, boxes, labels), plain.predict(img, boxes, labels)
+    for k in range(len(boxes)):
+        np.testing.assert_allclose(a.crops[k], b.crops[k], atol=1e-4)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+
+
+def test_eval_mode_switches_a_training_network_and_leaves_an_eval_one_alone(engine, monkeypatch):
+    from sim_model.modeling.box_queries import eval_mode
+
+    net = engine.model.net
+    assert not net.training
+    switches = []
+    real_train = torch.nn.Module.train
+    monkeypatch.setattr(torch.nn.Module, "train", lambda m, mode=True: switches.append(mode) or real_train(m, mode))
+    with eval_mode(net):
+        assert not net.training
+    assert switches == []  # already wholly in eval mode: no walk over the submodules
+    net.mask_head.train()  # one submodule in training mode is enough to switch
+    try:
+        with eval_mode(net):
+            assert not any(m.training for m in net.modules())
+        assert switches and not net.training and not net.mask_head.training  # the root's mode (eval) restored
+        net.train()
+        with eval_mode(net):
+            assert not any(m.training for m in net.modules())
+        assert all(m.training for m in net.modules())
+    finally:
+        real_train(net, False)
