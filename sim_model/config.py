@@ -318,8 +318,9 @@ def add_sim_config(cfg: CN) -> CN:
     _c.TEST.REFINE.ITERATIONS = 1
     # The box's short side in GrabCut's working crop (pixels; the cold start uses 96, grabcut.py). 80 is as good as
     # 96 (refine+vote 0.927 / 0.692 / 0.863 on balloon-val / coco-mini-val2017 / dsb2018-nuclei-val either way) and
-    # 7-18 ms faster per further box (docs/benchmarks.md, "Interactive latency").
-    _c.TEST.REFINE.SHORT_SIDE = 80
+    # 7-18 ms faster per further box; 64 as good as 80 (refine+vote 0.925 / 0.690 / 0.858 either way, other
+    # checkpoints) and faster again (docs/benchmarks.md, "Interactive latency").
+    _c.TEST.REFINE.SHORT_SIDE = 64
 
     # ------------------------------------------------------------------ the vote with GrabCut (SIM engine)
     # The map M̂_prob votes with GrabCut from the rectangle (the cold start's settings) and, when REFINE is on
