@@ -73,8 +73,7 @@ class SIMBoxToMask(BoxToMask):
     """Box→mask with a trained SIM model (see the module docstring).
 
     Args:
-        model: a ``CondInst`` (:mod:`sim_model.condinst`) with weights loaded; put in eval mode and, when
-            its weights are on the CPU, in channels-last memory format (in place).
+        model: a ``CondInst`` (:mod:`sim_model.condinst`) with weights loaded; put in eval mode.
         cfg: its detectron2 config (with :func:`sim_model.config.add_sim_config` keys).
         class_names: class names, index = class id (``classes.json``).
         model_version: the string reported to Label Studio, e.g. ``"sim-v0003"``.
@@ -100,10 +99,6 @@ class SIMBoxToMask(BoxToMask):
         if len(class_names) > num_classes:
             raise ModelVersionError(f"{len(class_names)} class names but the model has {num_classes} classes")
         self.model = model.eval()
-        if all(p.device.type == "cpu" for p in model.parameters()):
-            # oneDNN's convolutions are faster on channels-last tensors (the close look's network pass on
-            # one CPU thread: ~35 -> ~31 ms); the weights are converted in place, the model computes the same
-            self.model.to(memory_format=torch.channels_last)
         self.cfg = cfg
         self.class_names = list(class_names)
         self.class_ids = {name: i for i, name in enumerate(self.class_names)}

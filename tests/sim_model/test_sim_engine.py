@@ -250,9 +250,9 @@ def test_the_box_query_runs_the_head_only_where_the_box_is_and_changes_no_mask(e
     del fast.net.fcos.head.forward_level
 
 
-def test_a_cpu_engine_runs_channels_last_with_the_same_masks(sim_version_dir):
-    """The engine puts a CPU model's weights in channels-last memory format (faster oneDNN convolutions) and
-    its masks stay those of the contiguous model."""
+def test_a_cpu_model_runs_channels_last_with_the_same_masks(sim_version_dir):
+    """A CondInst built for the CPU keeps its weights in channels-last memory format (faster oneDNN
+    convolutions; the loaded version's too), and the engine's masks stay those of the contiguous model."""
     fast = SIMBoxToMask.from_version_dir(sim_version_dir, feature_cache_size=0)
     weights = [p for p in fast.model.parameters() if p.dim() == 4]
     assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
