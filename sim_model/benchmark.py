@@ -31,7 +31,8 @@ ENGINES: dict[str, Callable[..., BoxToMask]] = {"box": FilledBoxEngine, "ellipse
                                                 "grabcut": GrabCutBoxToMask}
 #: Figures of :func:`evaluate_box_to_mask` that a row keeps.
 FIGURE_KEYS = ["mIoU", "mIoU_small", "mIoU_medium", "mIoU_large", "AP", "AP50", "AP75", "AP_small",
-               "AP_medium", "AP_large", "ms_per_box", "ms_per_image", "n_images", "n_boxes", "model_version"]
+               "AP_medium", "AP_large", "mask_precision", "mask_recall", "area_ratio", "ms_per_box", "ms_per_image",
+               "n_images", "n_boxes", "model_version"]
 
 
 def main(argv: list[str] | None = None) -> int:

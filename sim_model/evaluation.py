@@ -11,6 +11,9 @@ For every non-crowd ground-truth box, the engine predicts a mask (all boxes of a
   pycocotools' COCOeval, every predicted mask submitted as a detection of its box's category with the
   engine's score, RLE-encoded with ``pycocotools.mask``. **Percent, 0–100**, the convention of the COCO
   leaderboard and of the SIM paper (32.2 AP); a perfect engine gives 100.
+- ``mask_precision`` / ``mask_recall``: mean over boxes of |pred ∧ gt| / |pred| (boxes with a non-empty
+  prediction) and |pred ∧ gt| / |gt| (boxes with a non-empty ground truth), in [0, 1]; ``area_ratio``: median over
+  boxes of |pred| / |gt|. They tell a mask that shrinks (ratio < 1, recall falls) from one that bleeds.
 - ``ms_per_box``: median over boxes of (its image's predict time / that image's box count), milliseconds;
   ``ms_per_image``: median over images of the predict time, milliseconds. Wall clock, one process.
 
@@ -62,11 +65,12 @@ def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
     return float(np.logical_and(pred, gt).sum() / union) if union else 1.0
 
 
-def box_mask_iou(masks: BoxMasks, k: int, gt: np.ndarray, threshold: float) -> float:
-    """IoU of box-local mask ``k`` (probability >= ``threshold``) with a full-image ground-truth mask.
+def box_mask_overlap(masks: BoxMasks, k: int, gt: np.ndarray, threshold: float) -> tuple[int, int, int]:
+    """Pixel counts (|pred ∧ gt|, |pred|, |gt|) of box-local mask ``k`` (probability >= ``threshold``) and a
+    full-image ground-truth mask.
 
     The prediction is zero outside its box, so only the box's pixels of ``gt`` need comparing; the
-    result equals :func:`mask_iou` of the pasted mask and ``gt``.
+    counts equal those of the pasted mask and ``gt``.
 
     Args:
         masks: the engine's :class:`~sim_model.box_to_mask.BoxMasks`.
@@ -77,8 +81,18 @@ def box_mask_iou(masks: BoxMasks, k: int, gt: np.ndarray, threshold: float) -> f
     c0, r0, c1, r1 = (int(v) for v in masks.bounds[k])
     pred = masks.foreground(k, threshold)
     gt = gt.astype(bool)
-    inter = int(np.logical_and(pred, gt[r0:r1, c0:c1]).sum())
-    union = int(pred.sum()) + int(gt.sum()) - inter
+    return int(np.logical_and(pred, gt[r0:r1, c0:c1]).sum()), int(pred.sum()), int(gt.sum())
+
+
+def box_mask_iou(masks: BoxMasks, k: int, gt: np.ndarray, threshold: float) -> float:
+    """IoU of box-local mask ``k`` (probability >= ``threshold``) with a full-image ground-truth mask; equals
+    :func:`mask_iou` of the pasted mask and ``gt`` (counts from :func:`box_mask_overlap`)."""
+    return iou_of_counts(*box_mask_overlap(masks, k, gt, threshold))
+
+
+def iou_of_counts(inter: int, n_pred: int, n_gt: int) -> float:
+    """IoU from pixel counts |pred ∧ gt|, |pred|, |gt|; 1.0 when both masks are empty."""
+    union = n_pred + n_gt - inter
     return float(inter / union) if union else 1.0
 
 
@@ -154,10 +168,10 @@ def evaluate_box_to_mask(engine: BoxToMask, coco_json: str | os.PathLike, image_
     Returns:
         dict with the figures described in the module docstring (``mIoU``, ``mIoU_small``,
         ``mIoU_medium``, ``mIoU_large``, ``AP``, ``AP50``, ``AP75``, ``AP_small``, ``AP_medium``,
-        ``AP_large``, ``ms_per_box``, ``ms_per_image``), plus ``n_images``, ``n_boxes``,
-        ``n_small`` / ``n_medium`` / ``n_large``, ``model_version``, ``skipped`` (list of
-        {ann_id, reason}), ``skipped_images`` (list of {image_id, reason}) and ``per_box`` (list of
-        {ann_id, image_id, category, size, iou, score}).
+        ``AP_large``, ``mask_precision``, ``mask_recall``, ``area_ratio``, ``ms_per_box``, ``ms_per_image``), plus
+        ``n_images``, ``n_boxes``, ``n_small`` / ``n_medium`` / ``n_large``, ``model_version``, ``skipped`` (list
+        of {ann_id, reason}), ``skipped_images`` (list of {image_id, reason}) and ``per_box`` (list of
+        {ann_id, image_id, category, size, iou, score, pred_pixels, gt_pixels, inter_pixels}).
 
     Raises:
         FileNotFoundError: the JSON is missing, or an image is and ``missing_images="raise"``.
@@ -197,7 +211,8 @@ def evaluate_box_to_mask(engine: BoxToMask, coco_json: str | os.PathLike, image_
         for i, reason in pred.skipped:
             skipped.append({"ann_id": anns[i]["id"], "reason": reason})
             per_box.append({"ann_id": anns[i]["id"], "image_id": img_id, "category": labels[i],
-                            "size": coco_size(anns[i]["area"]), "iou": 0.0, "score": 0.0})
+                            "size": coco_size(anns[i]["area"]), "iou": 0.0, "score": 0.0,
+                            "pred_pixels": 0, "gt_pixels": int(coco.annToMask(anns[i]).sum()), "inter_pixels": 0})
         if not pred.kept:
             continue
         image_ms.append(dt)
@@ -206,9 +221,10 @@ def evaluate_box_to_mask(engine: BoxToMask, coco_json: str | os.PathLike, image_
         for k, i in enumerate(pred.kept):
             a = anns[i]
             score = float(masks.scores[k])
+            inter, n_pred, n_gt = box_mask_overlap(masks, k, coco.annToMask(a), mask_threshold)
             per_box.append({"ann_id": a["id"], "image_id": img_id, "category": labels[i],
-                            "size": coco_size(a["area"]), "score": score,
-                            "iou": box_mask_iou(masks, k, coco.annToMask(a), mask_threshold)})
+                            "size": coco_size(a["area"]), "score": score, "iou": iou_of_counts(inter, n_pred, n_gt),
+                            "pred_pixels": n_pred, "gt_pixels": n_gt, "inter_pixels": inter})
             detections.append({"image_id": img_id, "category_id": a["category_id"], "score": score,
                                "segmentation": encode_mask(masks.full(k) >= mask_threshold)})
         if progress:
@@ -222,6 +238,7 @@ def evaluate_box_to_mask(engine: BoxToMask, coco_json: str | os.PathLike, image_
         sel = np.array([p["iou"] for p in per_box if p["size"] == size])
         out[f"mIoU_{size}"] = float(sel.mean()) if len(sel) else float("nan")
         out[f"n_{size}"] = int(len(sel))
+    out.update(overlap_figures(per_box))
     out.update(coco_segm_ap(coco, detections, evaluated))
     out["ms_per_box"] = float(np.median(box_ms)) if box_ms else float("nan")
     out["ms_per_image"] = float(np.median(image_ms)) if image_ms else float("nan")
@@ -233,5 +250,26 @@ def evaluate_box_to_mask(engine: BoxToMask, coco_json: str | os.PathLike, image_
     return out
 
 
-__all__ = ["evaluate_box_to_mask", "coco_segm_ap", "most_per_image", "mask_iou", "box_mask_iou", "encode_mask",
+def overlap_figures(per_box: list[dict]) -> dict[str, float]:
+    """``mask_precision``, ``mask_recall`` (means) and ``area_ratio`` (median) of per-box pixel counts
+    (module docstring); NaN where no box qualifies.
+
+    Args:
+        per_box: dicts with int ``pred_pixels``, ``gt_pixels``, ``inter_pixels``.
+    """
+    pred = np.array([p["pred_pixels"] for p in per_box], float)
+    gt = np.array([p["gt_pixels"] for p in per_box], float)
+    inter = np.array([p["inter_pixels"] for p in per_box], float)
+    has_pred, has_gt = pred > 0, gt > 0
+
+    def mean(x: np.ndarray) -> float:
+        return float(x.mean()) if x.size else float("nan")
+
+    return {"mask_precision": mean(inter[has_pred] / pred[has_pred]),
+            "mask_recall": mean(inter[has_gt] / gt[has_gt]),
+            "area_ratio": float(np.median(pred[has_gt] / gt[has_gt])) if has_gt.any() else float("nan")}
+
+
+__all__ = ["evaluate_box_to_mask", "overlap_figures", "box_mask_overlap", "iou_of_counts", "coco_segm_ap",
+           "most_per_image", "mask_iou", "box_mask_iou", "encode_mask",
            "coco_size", "SMALL_AREA", "MEDIUM_AREA"]

@@ -59,7 +59,7 @@ from sim_model.results import DOCS_JSON, load_results, record_results
 
 #: The rows kept in the docs table for each run (the per-box list is dropped).
 FIGURES = ("mIoU", "mIoU_small", "mIoU_medium", "mIoU_large", "AP", "AP50", "AP75", "ms_per_box", "ms_per_image",
-           "n_boxes", "n_small", "n_medium", "n_large")
+           "mask_precision", "mask_recall", "area_ratio", "n_boxes", "n_small", "n_medium", "n_large")
 #: The engine variants the retrain's gate chooses from (:func:`sim_model.registry.engine_variants`).
 ENGINES = tuple(engine_variants())
 #: Evaluated at the full run's last checkpoint only: the same model without the close look (one network

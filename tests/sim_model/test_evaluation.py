@@ -17,7 +17,7 @@ from sim_model.box_to_mask import BoxMasks, BoxToMask, BoxToMaskError
 from sim_model.boxes import box_masks, box_pixel_bounds, xywh_to_xyxy
 from sim_model.datasets import coco_mini_dir, split_files
 from sim_model.engines.shape_prior import EllipseEngine, FilledBoxEngine, ellipse_mask
-from sim_model.evaluation import box_mask_iou, evaluate_box_to_mask, mask_iou
+from sim_model.evaluation import box_mask_iou, box_mask_overlap, evaluate_box_to_mask, mask_iou, overlap_figures
 from sim_model.results import record_results, render_markdown
 
 DATA = coco_mini_dir()
@@ -62,6 +62,7 @@ def test_ground_truth_masks_score_perfectly(coco):
     assert res["n_boxes"] == n_noncrowd
     assert res["n_small"] + res["n_medium"] + res["n_large"] == n_noncrowd
     assert res["mIoU"] == pytest.approx(1.0)
+    assert res["mask_precision"] == res["mask_recall"] == res["area_ratio"] == pytest.approx(1.0)
     for size in ("small", "medium", "large"):
         assert res[f"mIoU_{size}"] == pytest.approx(1.0)
     assert res["AP"] == pytest.approx(100.0, abs=1e-6)
@@ -77,6 +78,9 @@ def test_filled_box_gives_the_documented_floor():
     assert res["AP"] == pytest.approx(floor["AP"], abs=0.5)
     assert res["AP50"] == pytest.approx(floor["AP50"], abs=1.0)
     assert res["ms_per_box"] > 0 and res["ms_per_image"] >= res["ms_per_box"]
+    # the filled box holds the whole object: it bleeds (ratio > 1), never shrinks; its IoU is its precision
+    assert res["mask_recall"] > 0.97 and res["area_ratio"] > 1.2
+    assert res["mask_precision"] == pytest.approx(res["mIoU"], abs=0.03)
 
 
 def test_ellipse_beats_filled_box_and_max_images_limits(coco):
@@ -132,6 +136,24 @@ def test_box_local_iou_equals_full_image_iou():
     masks = BoxMasks((40, 50), np.array([[8, 10, 28, 30]]), (crop,), np.ones(1, np.float32))
     assert box_mask_iou(masks, 0, gt, 0.5) == pytest.approx(mask_iou(masks.full(0) >= 0.5, gt))
     assert box_mask_iou(masks, 0, gt, 0.5) < 0.5
+
+
+def test_overlap_figures_on_synthetic_counts():
+    """Precision over boxes with a prediction, recall over boxes with a ground truth, the median area ratio."""
+    gt = np.zeros((40, 50), bool)
+    gt[10:20, 10:30] = True  # 200 pixels
+    crop = np.zeros((20, 20), np.float32)
+    crop[:10, :10] = 1.0  # 100 pixels at rows 10-19, columns 10-19: all inside gt
+    masks = BoxMasks((40, 50), np.array([[10, 10, 30, 30]]), (crop,), np.ones(1, np.float32))
+    assert box_mask_overlap(masks, 0, gt, 0.5) == (100, 100, 200)
+    boxes = [{"inter_pixels": 100, "pred_pixels": 100, "gt_pixels": 200},  # shrunk: precision 1, recall 0.5
+             {"inter_pixels": 50, "pred_pixels": 200, "gt_pixels": 50},  # bled: precision 0.25, recall 1
+             {"inter_pixels": 0, "pred_pixels": 0, "gt_pixels": 80}]  # empty prediction: recall 0, no precision
+    f = overlap_figures(boxes)
+    assert f["mask_precision"] == pytest.approx((1.0 + 0.25) / 2)
+    assert f["mask_recall"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    assert f["area_ratio"] == pytest.approx(0.5)  # median of 0.5, 4, 0
+    assert np.isnan(overlap_figures([])["mask_precision"])
 
 
 def test_record_results_merges_rows_and_renders_markdown(tmp_path: Path):
