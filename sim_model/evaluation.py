@@ -61,8 +61,7 @@ def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
     """
     pred = pred.astype(bool)
     gt = gt.astype(bool)
-    union = np.logical_or(pred, gt).sum()
-    return float(np.logical_and(pred, gt).sum() / union) if union else 1.0
+    return iou_of_counts(int(np.logical_and(pred, gt).sum()), int(pred.sum()), int(gt.sum()))
 
 
 def box_mask_overlap(masks: BoxMasks, k: int, gt: np.ndarray, threshold: float) -> tuple[int, int, int]:
