@@ -283,10 +283,13 @@ def test_eval_mode_switches_a_training_network_and_leaves_an_eval_one_alone(engi
     try:
         with eval_mode(net):
             assert not any(m.training for m in net.modules())
-        assert switches and not net.training and not net.mask_head.training  # the root's mode (eval) restored
+        assert switches and not net.training and net.mask_head.training  # each submodule's own mode restored
+        assert not any(m.training for name, m in net.named_modules() if not name.startswith("mask_head"))
         net.train()
+        net.backbone.eval()  # a part kept frozen inside a training network stays frozen
         with eval_mode(net):
             assert not any(m.training for m in net.modules())
-        assert all(m.training for m in net.modules())
+        assert not any(m.training for m in net.backbone.modules())
+        assert all(m.training for name, m in net.named_modules() if not name.startswith("backbone"))
     finally:
         real_train(net, False)
