@@ -32,11 +32,12 @@ own progress):
    (:func:`sim_model.checkpoint.grow_class_rows`), and the schedule restarts;
 5. evaluate — box→mask mIoU and AP on the held-out masks, for the new version's map alone and with each
    combination of its colour steps (refined by GrabCut, voting with GrabCut), for GrabCut and for the
-   engine served now, on the same masks
-   (:func:`training.publish.validate_against_served`);
+   engine served now, on the same masks (:func:`training.publish.validate_against_served`); the version
+   serves ``RETRAIN.GATE.DEFAULT_VARIANT`` (the vote) unless another variant beats it significantly on
+   those masks (:func:`training.publish.choose_variant`), and the default when the project has none;
 6. publish — write the version (:func:`training.publish.write_version`) and switch ``CURRENT`` if the
    quality gate passes (:meth:`sim_model.registry.ModelRegistry.publish`, ``--tolerance``): the best of
-   the new version (served as its best variant, ``model_version`` e.g. ``sim-v0004+vote``), the
+   the new version (served as its chosen variant, ``model_version`` e.g. ``sim-v0004+vote``), the
    served engine and GrabCut serves;
 7. scores — S_k of every box of the project with the new version into ``scores.sqlite``
    (:func:`training.scores.compute_scores`).
@@ -85,7 +86,7 @@ from sim_model.registry import (CLASSES_FILE, CONFIG_FILE, TEACHER_WEIGHTS_FILE,
                                 ModelRegistry, ProjectLock, acquire_slot, adopt_lock, adopt_slot, jsonable,
                                 read_classes)
 from training import ls_export
-from training.publish import validate_against_served, write_version
+from training.publish import served_variant_steps, validate_against_served, write_version
 from training.score_store import ScoreDB
 from training.scores import compute_scores
 from training.train import build_config, train
@@ -428,11 +429,15 @@ class RetrainJob:
                    "data": {"tasks": len(export.tasks), "boxes": export.n_boxes, "val_masks": n_val_masks,
                             "train_masks": export.n_masks - n_val_masks, "classes": len(export.labels),
                             "skipped": len(export.skipped)}}
+        gate = trained.cfg.RETRAIN.GATE
         if val_json is None:
-            say(5, "no annotator polygons: nothing to evaluate (see the publishing rule in sim_model.registry)")
+            metrics["engine"] = served_variant_steps(gate.DEFAULT_VARIANT)
+            say(5, f"no annotator polygons: nothing to evaluate (see the publishing rule in sim_model.registry); "
+                   f"the version serves RETRAIN.GATE.DEFAULT_VARIANT ({gate.DEFAULT_VARIANT})")
         validate = None if val_json is None else (
-            lambda vdir, version: validate_against_served(vdir, version, self.registry, self.project, val_json,
-                                                          export.image_dir, lambda m: say(5, m)))
+            lambda vdir, version: validate_against_served(
+                vdir, version, self.registry, self.project, val_json, export.image_dir, lambda m: say(5, m),
+                default_variant=gate.DEFAULT_VARIANT, switch_z=float(gate.SWITCH_Z)))
         try:
             version, metrics = write_version(self.registry, self.project, weights=trained.weights, cfg=trained.cfg,
                                              labels=export.labels, metrics=metrics, train_log=train_log,

@@ -40,6 +40,7 @@ from tests.e2e import ls_harness as H
 from sim_backend.label_studio import LabelStudioConnection, LabelStudioError
 from sim_model.registry import ModelRegistry, ProjectLock
 from training import ls_export
+from training.publish import choose_variant
 from training.score_store import ScoreDB
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -246,7 +247,9 @@ def test_retrain_publishes_a_new_version(flow):
     v = metrics["variants"]
     assert set(v) == {"map", "refine", "vote", "refine+vote"}
     served = next(n for n in v if v[n]["model_version"] == metrics["val"]["model_version"])
-    assert v[served]["mIoU"] == max(x["mIoU"] for x in v.values())  # (variants can tie on 4 masks)
+    gate = metrics["gate"]  # the default (the vote) unless another variant beats it significantly
+    assert served == choose_variant(gate["per_box_iou"], gate["default_variant"], gate["switch_z"])
+    assert all(len(ious) == d["val_masks"] for ious in gate["per_box_iou"].values())
     assert metrics["engine"] == {"refine": "refine" in served.split("+"), "vote": "vote" in served.split("+")}
     assert metrics["grabcut"]["model_version"].startswith("grabcut")
     assert metrics["baseline"]["model_version"].startswith("grabcut") and metrics["baseline"]["version"] is None
