@@ -122,6 +122,19 @@ def sim_model_version(version: str, steps: Iterable[str] = ()) -> str:
     return f"sim-{version}" + "".join(f"+{s}" for s in ENGINE_STEPS if s in steps)
 
 
+def served_variant_steps(variant: str) -> dict[str, bool]:
+    """``metrics["engine"]`` for an engine variant (:func:`engine_variants`), what :func:`served_steps` reads
+    back, e.g. ``"vote"`` → ``{"refine": False, "vote": True}``.
+
+    Raises:
+        ValueError: an unknown variant.
+    """
+    steps_of = engine_variants()
+    if variant not in steps_of:
+        raise ValueError(f"unknown engine variant {variant!r}; known: {list(steps_of)}")
+    return {s: s in steps_of[variant] for s in ENGINE_STEPS}
+
+
 def served_steps(version_dir: str | os.PathLike) -> tuple[str, ...]:
     """The colour steps a version serves on top of its map: those marked true in ``metrics.json``'s
     ``engine`` (e.g. ``{"refine": false, "vote": true}``), which the retrain's gate writes; () when the file

@@ -24,9 +24,9 @@ from detectron2.config import CfgNode
 from sim_model.engines import cold_start_engine, served_engine, version_engine
 from sim_model.evaluation import evaluate_box_to_mask
 from sim_model.files import atomic_write_text
-from sim_model.registry import (CLASSES_FILE, CONFIG_FILE, ENGINE_STEPS, METRICS_FILE, TEACHER_CONFIG_FILE,
-                                TEACHER_WEIGHTS_FILE, TRAIN_LOG_FILE, WEIGHTS_FILE, ModelRegistry, engine_variants,
-                                jsonable)
+from sim_model.registry import (CLASSES_FILE, CONFIG_FILE, METRICS_FILE, TEACHER_CONFIG_FILE, TEACHER_WEIGHTS_FILE,
+                                TRAIN_LOG_FILE, WEIGHTS_FILE, ModelRegistry, engine_variants, jsonable,
+                                served_variant_steps)
 
 
 def evaluation_summary(ev: dict) -> dict:
@@ -36,19 +36,6 @@ def evaluation_summary(ev: dict) -> dict:
     out["n_masks"] = int(ev.get("n_boxes", 0))
     out["n_skipped"] = len(ev.get("skipped", []))
     return jsonable(out)
-
-
-def served_variant_steps(variant: str) -> dict[str, bool]:
-    """``metrics["engine"]`` for an engine variant (:func:`sim_model.registry.engine_variants`), e.g.
-    ``"vote"`` → ``{"refine": False, "vote": True}``.
-
-    Raises:
-        ValueError: an unknown variant.
-    """
-    steps_of = engine_variants()
-    if variant not in steps_of:
-        raise ValueError(f"unknown engine variant {variant!r}; known: {list(steps_of)}")
-    return {s: s in steps_of[variant] for s in ENGINE_STEPS}
 
 
 def choose_variant(per_box_iou: Mapping[str, Sequence[float]], default: str, switch_z: float) -> str:
@@ -83,7 +70,7 @@ def choose_variant(per_box_iou: Mapping[str, Sequence[float]], default: str, swi
     better = []
     for name, v in ious.items():
         d = v - ious[default]
-        if name != default and d.mean() > switch_z * d.std(ddof=1) / np.sqrt(n) and d.mean() > 0:
+        if name != default and d.mean() > switch_z * d.std(ddof=1) / np.sqrt(n):  # z·se >= 0: a gain
             better.append(name)
     return max(better, key=lambda name: ious[name].mean()) if better else default
 
@@ -187,5 +174,4 @@ def write_version(registry: ModelRegistry, project: str, *, weights: Path, cfg: 
     return version, metrics
 
 
-__all__ = ["choose_variant", "evaluation_summary", "served_variant_steps", "validate_against_served",
-           "write_version"]
+__all__ = ["choose_variant", "evaluation_summary", "validate_against_served", "write_version"]

@@ -84,9 +84,9 @@ from sim_model.datasets import REPO_ROOT
 from sim_model.engines import version_engine
 from sim_model.registry import (CLASSES_FILE, CONFIG_FILE, TEACHER_WEIGHTS_FILE, WEIGHTS_FILE, LockHeld,
                                 ModelRegistry, ProjectLock, acquire_slot, adopt_lock, adopt_slot, jsonable,
-                                read_classes)
+                                read_classes, served_variant_steps)
 from training import ls_export
-from training.publish import served_variant_steps, validate_against_served, write_version
+from training.publish import validate_against_served, write_version
 from training.score_store import ScoreDB
 from training.scores import compute_scores
 from training.train import build_config, train
