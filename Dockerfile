@@ -7,7 +7,8 @@ FROM python:3.11-slim
 RUN apt-get update && apt-get install -y --no-install-recommends gcc g++ curl && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY . /app
-RUN SKIP_LABEL_STUDIO=1 bash scripts/install.sh && rm -rf /root/.cache/pip
+# installs exactly locks/project.txt (scripts/install.sh syncs the venv to it); the download cache goes
+RUN SKIP_LABEL_STUDIO=1 bash scripts/install.sh && rm -rf /root/.cache/pip /root/.cache/sim-prelabels/uv
 ENV MODEL_DIR=/models PYTHONUNBUFFERED=1
 EXPOSE 9090
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s CMD curl -fsS http://localhost:9090/health || exit 1
