@@ -12,12 +12,17 @@ Routes:
     GET  /versions  ``?project=<id>`` → ``{"versions": [...], "current": …}``.
 
 With BASIC_AUTH_USER / BASIC_AUTH_PASS set, every route but /health answers 401 without them (compared
-in constant time). Every error is a JSON body ``{"status": "error", "error": …}``: 400 for a malformed
-request, 401, 404, 405, 413 for a body above MAX_REQUEST_BYTES, 500 (with no internal detail) for a bug.
+in constant time; an Authorization header that does not even decode is a 401 too). Every error is a JSON
+body ``{"status": "error", "error": …}``: 400 for a malformed request (a JSON body nested deeper than
+MAX_JSON_DEPTH included), 401, 404 (a webhook for a project that Label Studio does not know), 405, 413
+for a body above MAX_REQUEST_BYTES (by its Content-Length, or, for a chunked body, once the read reaches
+the limit: no more is read), 503 when Label Studio cannot be asked, 500 (with no internal detail) for a
+bug.
 """
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 
 from flask import Flask, Response, jsonify, request
@@ -28,7 +33,7 @@ from .images import ImageLoader, quoted
 from .label_config import LabelConfigError, parse_label_config
 from .predict import BadRequest, Predictor, project_id
 from .settings import Settings
-from .webhook import on_webhook
+from .webhook import WebhookError, label_studio_project_check, on_webhook
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +41,71 @@ log = logging.getLogger(__name__)
 OPEN_PATHS = ("/health", "/")
 
 
-def _json_body() -> dict:
-    """The request's JSON object, or raise BadRequest with a clear message."""
-    payload = request.get_json(force=True, silent=True)
-    if payload is None:
-        raw = request.get_data(cache=True)
-        if not raw:
+def json_depth(value) -> int:
+    """How deeply a parsed JSON value nests (a scalar: 0, ``[]``: 1, ``{"a": [1]}``: 2), without recursion."""
+    depth, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        elif not isinstance(v, list):
+            continue
+        depth = max(depth, d)
+        stack.extend((x, d + 1) for x in v if isinstance(x, (dict, list)))
+    return depth
+
+
+def _request_bytes(settings: Settings) -> bytes:
+    """The request body, at most MAX_REQUEST_BYTES of it.
+
+    Raises:
+        werkzeug's RequestEntityTooLarge (413): a chunked body (no Content-Length) that reaches the limit.
+            werkzeug's stream stops at the limit and ``get_data`` would return the cut body as if it were
+            whole; one more byte asked of that stream raises instead.
+    """
+    raw = request.get_data(cache=True)
+    if request.content_length is None and len(raw) >= settings.max_request_bytes:
+        request.stream.read(1)  # past the limit: RequestEntityTooLarge
+    return raw
+
+
+def _json_body(settings: Settings, required: bool = True) -> dict | None:
+    """The request's JSON object, or raise BadRequest with a clear message.
+
+    Args:
+        settings: ``max_request_bytes`` and ``max_json_depth``.
+        required: whether an empty body is an error (else None).
+
+    Raises:
+        BadRequest: empty (when required), not JSON, nested deeper than MAX_JSON_DEPTH, not an object.
+        RequestEntityTooLarge: a chunked body above MAX_REQUEST_BYTES (:func:`_request_bytes`).
+    """
+    raw = _request_bytes(settings)
+    if not raw.strip():
+        if required:
             raise BadRequest("the request body is empty; expected JSON")
-        raise BadRequest("the request body is not valid JSON")
+        return None
+    try:
+        payload = json.loads(raw)
+    except RecursionError:
+        raise BadRequest(f"the request's JSON is nested too deeply (the limit is MAX_JSON_DEPTH="
+                         f"{settings.max_json_depth} levels)") from None
+    except ValueError:  # also a body that is not UTF-8
+        raise BadRequest("the request body is not valid JSON") from None
+    depth = json_depth(payload)
+    if depth > settings.max_json_depth:
+        raise BadRequest(f"the request's JSON is nested {depth} levels deep, more than MAX_JSON_DEPTH="
+                         f"{settings.max_json_depth}")
     if not isinstance(payload, dict):
         raise BadRequest(f"the request body must be a JSON object, got {type(payload).__name__}")
     return payload
 
 
 def _authorized(settings: Settings) -> bool:
-    auth = request.authorization
+    try:
+        auth = request.authorization
+    except ValueError:  # a header that does not decode (non-ASCII bytes, bad base64): no credentials
+        return False
     if auth is None or auth.type != "basic":
         return False
     ok_user = hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())
@@ -78,6 +133,10 @@ def create_app(settings: Settings | None = None, engine_provider: EngineProvider
     engines = engine_provider or EngineProvider(settings)
     images = image_loader or ImageLoader(settings)
     predictor = Predictor(settings, engines, images)
+    # the webhook asks Label Studio whether a project exists before writing anything for it; a retrain reads
+    # from the Label Studio of the environment only (not one that /setup named)
+    verify_project = label_studio_project_check(
+        images.connection if settings.label_studio_url and settings.label_studio_api_key else None)
 
     app = Flask("sim_backend")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -98,6 +157,11 @@ def create_app(settings: Settings | None = None, engine_provider: EngineProvider
         log.warning("400 %s %s: %s", request.method, request.path, e)
         return _error(400, str(e))
 
+    @app.errorhandler(WebhookError)
+    def _webhook_error(e: WebhookError):
+        log.warning("%d %s %s: %s", e.status, request.method, request.path, e)
+        return _error(e.status, str(e))
+
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
         if e.code == 413:
@@ -116,7 +180,7 @@ def create_app(settings: Settings | None = None, engine_provider: EngineProvider
 
     @app.post("/setup")
     def setup():
-        payload = _json_body()
+        payload = _json_body(settings)
         project = project_id(payload.get("project"))
         schema = payload.get("schema") or payload.get("label_config")
         if not schema:
@@ -136,13 +200,15 @@ def create_app(settings: Settings | None = None, engine_provider: EngineProvider
 
     @app.post("/predict")
     def predict():
-        return jsonify(predictor.predict(_json_body()))
+        return jsonify(predictor.predict(_json_body(settings)))
 
     @app.post("/webhook")
     def webhook():
-        payload = _json_body()
+        payload = _json_body(settings)
         try:
-            answer = on_webhook(payload, settings)
+            answer = on_webhook(payload, settings, verify_project)
+        except WebhookError:
+            raise
         except Exception as e:
             log.exception("webhook %s failed", quoted(payload.get("action"), 40))
             return _error(500, f"webhook failed ({e.__class__.__name__}); see the backend's log")
@@ -152,8 +218,8 @@ def create_app(settings: Settings | None = None, engine_provider: EngineProvider
     def versions():
         args = request.args.get("project")
         if args is None:
-            body = request.get_json(silent=True)
-            args = body.get("project") if isinstance(body, dict) else None
+            body = _json_body(settings, required=False)
+            args = body.get("project") if body is not None else None
         project = project_id(args)
         return jsonify({"project": project, "versions": engines.list_versions(project),
                         "current": engines.model_version(project)})

@@ -37,6 +37,7 @@ import stat
 import threading
 import time
 import urllib.parse
+import warnings
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ from .label_studio import LabelStudioConnection, LabelStudioError, origin
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+# decode_image refuses every image above MAX_IMAGE_PIXELS with a message naming it; Pillow's warning for
+# images between its limit and twice it would only repeat that in the log
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 #: Path prefixes that Label Studio serves (uploads, local files, cloud-storage proxy, task resolver).
 LABEL_STUDIO_PATHS = ("/data/upload/", "/data/local-files/", "/storage-data/", "/tasks/")
@@ -89,21 +93,39 @@ def quoted(value: object, limit: int = QUOTE_CHARS) -> str:
     return text if len(text) <= limit + 2 else text[: limit] + "…'"
 
 
+#: Pixels converted at a time (whole rows) from Pillow's decoded image into the result: bounds every
+#: temporary copy (a 16-bit strip's int64 copies: 3 x 8 bytes x this).
+_STRIP_PIXELS = 1 << 18
+
+
 def _to_uint8(im: Image.Image) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of any PIL mode, 16-bit and float images scaled to 8 bits per channel."""
-    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-        a = np.asarray(im)
+    """(H, W, 3) uint8 RGB of any PIL mode, 16-bit and float images scaled to 8 bits per channel.
+
+    Memory: the result (3 bytes per pixel) beside Pillow's image; the pixels are copied and converted strip
+    by strip (:data:`_STRIP_PIXELS` pixels), never as a whole-image copy (``np.asarray`` of a whole image
+    costs twice its size in transient bytes, a 16-bit int64 copy four times).
+    """
+    w, h = im.size
+    out = np.empty((h, w, 3), np.uint8)
+    high = im.mode.startswith("I;16") or im.mode in ("I", "F")
+    if high:
+        lo, top = im.getextrema() if w and h else (0, 0)
         if im.mode == "F":
-            a = a.astype(np.float64)
-            a = a * 255.0 if np.nanmax(a) <= 1.0 else a
-            a = np.clip(np.nan_to_num(a), 0, 255)
+            scale = 255.0 if top <= 1.0 else 1.0
+    rows = max(1, _STRIP_PIXELS // max(w, 1))
+    for r in range(0, h, rows):
+        piece = im.crop((0, r, w, min(h, r + rows)))
+        if not high:
+            out[r:r + rows] = np.asarray(piece if piece.mode == "RGB" else piece.convert("RGB"))
+            continue
+        a = np.asarray(piece)
+        if im.mode == "F":
+            g = np.clip(np.nan_to_num(a.astype(np.float64) * scale), 0, 255)
         else:
-            a = a.astype(np.int64)
-            top = int(a.max()) if a.size else 0
-            a = a >> 8 if top <= 0xFFFF else (a * 255 // max(top, 1))
-            a = np.clip(a, 0, 255)
-        return np.repeat(a.astype(np.uint8)[:, :, None], 3, axis=2)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+            g = a.astype(np.int64)
+            g = np.clip(g >> 8 if top <= 0xFFFF else g * 255 // max(int(top), 1), 0, 255)
+        out[r:r + rows] = g.astype(np.uint8)[:, :, None]
+    return out
 
 
 def decode_image(data: bytes, max_pixels: int, source: str = "image") -> np.ndarray:
@@ -111,27 +133,37 @@ def decode_image(data: bytes, max_pixels: int, source: str = "image") -> np.ndar
 
     Args:
         data: encoded image (JPEG, PNG, TIFF, …).
-        max_pixels: largest accepted width x height, checked before the pixels are decoded.
+        max_pixels: largest accepted width x height (MAX_IMAGE_PIXELS), checked before the pixels are
+            decoded. Pillow's own decompression-bomb limit is set from it (``PIL.Image.MAX_IMAGE_PIXELS``,
+            process-wide), so the setting governs above Pillow's default 178,956,970 too, and an image
+            that trips Pillow's limit is refused naming the setting.
         source: name of the image for error messages (already quoted and cut by the caller).
 
     Returns:
-        (H, W, 3) uint8 RGB with the EXIF orientation applied (``PIL.ImageOps.exif_transpose``); 16-bit
-        images keep their top 8 bits, float images in [0, 1] are scaled by 255.
+        (H, W, 3) uint8 RGB with the EXIF orientation applied (``PIL.ImageOps.exif_transpose``, in place);
+        16-bit images keep their top 8 bits, float images in [0, 1] are scaled by 255. Peak memory, measured
+        by ``python -m sim_backend.decode_benchmark`` (docs/benchmarks.md, ``backend-decode-memory``): about
+        8 bytes per pixel for 16-bit and 8-bit RGB images (Pillow's decoded image plus the result; 387 MB at
+        50 MPx, against 955 MB before the strips), one image at a time per request.
 
     Raises:
         ImageLoadError: not a decodable image of one of :data:`IMAGE_FORMATS`, or more than ``max_pixels``
             pixels.
     """
+    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow refuses above 2x this (a bomb) at open, warns above 1x
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
             w, h = im.size
             if w * h > max_pixels:
                 raise ImageLoadError(f"{source} is {w}x{h} = {w * h} pixels, above MAX_IMAGE_PIXELS={max_pixels}")
             im.load()
-            arr = _to_uint8(ImageOps.exif_transpose(im))
+            ImageOps.exif_transpose(im, in_place=True)
+            arr = _to_uint8(im)
     except ImageLoadError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(f"{source} has more pixels than MAX_IMAGE_PIXELS={max_pixels} allows ({e})") from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageLoadError(f"{source} is not a readable image: {str(e)[:QUOTE_CHARS]}") from e
     return np.ascontiguousarray(arr)
 
@@ -386,7 +418,8 @@ class ImageLoader:
                 raise ImageLoadError(f"refused {source}: {st.st_size} bytes, above MAX_IMAGE_BYTES="
                                      f"{self.settings.max_image_bytes}")
             with os.fdopen(fd, "rb", closefd=False) as f:
-                data = f.read(self.settings.max_image_bytes + 1)
+                # f.read(n) allocates n bytes first: ask for the file's size (+1 to see it grow), not the limit
+                data = f.read(min(st.st_size, self.settings.max_image_bytes) + 1)
         finally:
             os.close(fd)
         if len(data) > self.settings.max_image_bytes:

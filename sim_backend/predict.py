@@ -12,7 +12,9 @@ Two modes:
 The answer always has exactly one entry per task, in order: ``{"result", "score", "model_version"}``.
 Limits (:class:`~sim_backend.settings.Settings`): at most ``MAX_TASKS_PER_REQUEST`` tasks (else 400), at
 most ``MAX_BOXES_PER_TASK`` rectangles per task (else that task's error), and ``REQUEST_DEADLINE_S``: the
-tasks not started by then get a "deadline exceeded" error, so Label Studio always gets an answer in time.
+tasks not started by then get a "deadline exceeded" error, and inside a task the boxes not segmented
+by then are skipped with a "deadline exceeded" reason (the task keeps the regions of the boxes done), so
+Label Studio always gets an answer in time (the deadline plus about one box).
 A malformed field (``params.context`` not an object, ``data.image`` not a string, a label list that is
 not a list, …) is named in the error with what was expected; values are echoed cut to a few dozen
 characters.
@@ -21,7 +23,7 @@ extra ``"error"`` key (Label Studio 1.23 copies only result/score/model_version 
 its error is logged; a box that cannot be segmented (zero area, outside the image, unknown label, …)
 is skipped with a logged reason. Both are also listed in the response's top-level ``"errors"`` and
 ``"skipped"`` keys, which Label Studio ignores (it reads ``"results"`` only). All boxes of one image go
-to the engine in one call (:func:`sim_model.box_to_mask.predict_valid_boxes`); each mask becomes
+to the engine together, in chunks under the deadline (:func:`sim_model.box_to_mask.predict_valid_box_chunks`); each mask becomes
 regions through :func:`sim_backend.regions.mask_regions`. Nothing here writes to Label Studio.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from sim_model.box_to_mask import BoxToMask, predict_valid_boxes
+from sim_model.box_to_mask import DEADLINE_EXCEEDED, BoxToMask, predict_valid_box_chunks
 
 from .engines import EngineProvider
 from .images import ImageLoader, ImageLoadError, quoted
@@ -256,19 +258,24 @@ class Predictor:
                     xyxy.append(rectangle_to_xyxy(b.value, w, h))
                 except ValueError:
                     xyxy.append(np.full(4, np.nan))
-            pred = predict_valid_boxes(engine, image, np.stack(xyxy), [b.label for b in boxes])
-            for i, reason in pred.skipped:
-                if reason == "non-finite coordinate":
-                    reason = "value needs numeric x, y, width, height (percent of the image)"
-                self._skip(skipped, tid, boxes[i].region_id, reason)
-            for k, i in enumerate(pred.kept):
-                b = boxes[i]
-                made = mask_regions(pred.masks, k, b.label, self._targets(binding),
-                                    threshold=self.settings.mask_threshold, tolerance_px=tolerance,
-                                    min_region_px=self.settings.min_region_px)
-                if not made:
-                    self._skip(skipped, tid, b.region_id, "empty mask (no pixel above MASK_THRESHOLD)")
-                    continue
-                regions += made
-                scores.append(float(pred.masks.scores[k]))
+            for part in predict_valid_box_chunks(engine, image, np.stack(xyxy), [b.label for b in boxes],
+                                                 deadline=deadline):
+                for i, reason in part.skipped:
+                    if reason == "non-finite coordinate":
+                        reason = "value needs numeric x, y, width, height (percent of the image)"
+                    elif reason == DEADLINE_EXCEEDED:
+                        reason = (f"deadline exceeded: REQUEST_DEADLINE_S={self.settings.request_deadline_s} s "
+                                  f"passed before this box was segmented (fewer boxes per task, or python -m "
+                                  f"training.prelabel)")
+                    self._skip(skipped, tid, boxes[i].region_id, reason)
+                for k, i in enumerate(part.kept):
+                    b = boxes[i]
+                    made = mask_regions(part.masks, k, b.label, self._targets(binding),
+                                        threshold=self.settings.mask_threshold, tolerance_px=tolerance,
+                                        min_region_px=self.settings.min_region_px)
+                    if not made:
+                        self._skip(skipped, tid, b.region_id, "empty mask (no pixel above MASK_THRESHOLD)")
+                        continue
+                    regions += made
+                    scores.append(float(part.masks.scores[k]))
         return regions, (float(np.mean(scores)) if scores else 0.0)

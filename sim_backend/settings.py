@@ -95,12 +95,17 @@ class Settings:
             [MIN_REGION_PX, 16].
         output_brush: also answer brushlabels regions when the config has BrushLabels [OUTPUT_BRUSH, true].
         log_level: Python logging level [LOG_LEVEL, INFO].
-        max_request_bytes: largest request body; larger → HTTP 413 [MAX_REQUEST_BYTES, 20 MiB].
+        max_request_bytes: largest request body; larger → HTTP 413, by the Content-Length or, for a chunked
+            body, as soon as the read reaches the limit [MAX_REQUEST_BYTES, 20 MiB].
+        max_json_depth: deepest nesting of a request's JSON (``{"a": [1]}`` is 2; Label Studio's payloads
+            stay under 12); deeper → HTTP 400 [MAX_JSON_DEPTH, 64].
         max_tasks_per_request: more tasks in one /predict → HTTP 400 [MAX_TASKS_PER_REQUEST, 1000].
         max_boxes_per_task: more boxes in one task → that task's error [MAX_BOXES_PER_TASK, 1000].
         request_deadline_s: a /predict answers within this many seconds: tasks not started by then get a
             "deadline exceeded" error [REQUEST_DEADLINE_S, 90; Label Studio waits ML_TIMEOUT_PREDICT = 100].
-        max_image_pixels: larger images (width × height) are refused before decoding [MAX_IMAGE_PIXELS, 50e6].
+        max_image_pixels: larger images (width × height) are refused before decoding; Pillow's own bomb limit
+            follows it [MAX_IMAGE_PIXELS, 50e6]. Decoding costs about 8 bytes per pixel at its peak (400 MB
+            at 50 M pixels; ``python -m sim_backend.decode_benchmark``), one image at a time per request.
         max_image_bytes: larger image files or downloads are refused (Content-Length, then a capped
             streamed read) [MAX_IMAGE_BYTES, 64 MiB].
         image_fetch_timeout_s: connect/read timeout of one network operation [IMAGE_FETCH_TIMEOUT_S, 10].
@@ -132,6 +137,7 @@ class Settings:
     output_brush: bool = True
     log_level: str = "INFO"
     max_request_bytes: int = 20 * MIB
+    max_json_depth: int = 64
     max_tasks_per_request: int = 1000
     max_boxes_per_task: int = 1000
     request_deadline_s: float = 90.0
@@ -192,6 +198,7 @@ _ENV: dict[str, tuple[str, Callable]] = {
     "output_brush": ("OUTPUT_BRUSH", _bool),
     "log_level": ("LOG_LEVEL", _log_level),
     "max_request_bytes": ("MAX_REQUEST_BYTES", _number(int, 1)),
+    "max_json_depth": ("MAX_JSON_DEPTH", _number(int, 1)),
     "max_tasks_per_request": ("MAX_TASKS_PER_REQUEST", _number(int, 1)),
     "max_boxes_per_task": ("MAX_BOXES_PER_TASK", _number(int, 1)),
     "request_deadline_s": ("REQUEST_DEADLINE_S", _number(float, 0.0, exclusive=True)),

@@ -17,6 +17,12 @@
   annotation tries again). N = 0 (default) turns this off.
 * any other action → ``{"status": "ignored"}``.
 
+A START_TRAINING or ANNOTATION_CREATED event without a usable project id (none, ``"../../etc"``, ``-1``)
+raises :class:`WebhookError` (HTTP 400, the reason in the message). Before anything is written for a
+project (its lock, its log folder, its count), the backend asks Label Studio whether the project exists
+(:func:`label_studio_project_check`): an unknown project is a 404 and nothing is written; when Label
+Studio cannot be asked (no LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY, or it does not answer), a 503.
+
 The backend only starts the retrain process; the retrain itself is the ``training`` package's. The
 project lock (:class:`sim_model.registry.ProjectLock`) and one of the ``MAX_CONCURRENT_RETRAINS`` retrain
 slots (:func:`sim_model.registry.acquire_slot`) are taken here *before* the process starts and handed to
@@ -36,15 +42,56 @@ import threading
 import time
 from pathlib import Path
 
+from typing import Callable
+
 from sim_model.files import atomic_write_text
 from sim_model.registry import LOGS_DIR, LockHeld, ProjectLock, acquire_slot
 
+from .label_studio import LabelStudioConnection, LabelStudioError, LabelStudioUnavailable
 from .settings import Settings
 from .tasks import parse_project_id
 
 log = logging.getLogger(__name__)
 
 COUNT_FILE = "annotation_count.json"
+
+
+class WebhookError(ValueError):
+    """A webhook event that cannot be acted on; ``status`` is the HTTP status to answer (400, 404, 503).
+
+    Args:
+        status: HTTP status code.
+        message: the reason, fit for the answer (no internal detail).
+    """
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def label_studio_project_check(connection: LabelStudioConnection | None) -> Callable[[str], None]:
+    """A check that Label Studio knows a project, for :func:`on_webhook`'s ``verify_project``.
+
+    Args:
+        connection: Label Studio of the backend's environment (LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY),
+            or None when they are not set.
+
+    Returns:
+        ``check(project_id)``, which returns when Label Studio has the project and raises
+        :class:`WebhookError`: 404 when Label Studio answers that it has no such project (or refuses to
+        show it), 503 when there is no connection or Label Studio does not answer.
+    """
+    def check(project: str) -> None:
+        if connection is None:
+            raise WebhookError(503, "the backend has no Label Studio to check the project against and to "
+                                    "retrain from: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+        try:
+            connection.project(project)
+        except LabelStudioUnavailable as e:
+            raise WebhookError(503, f"cannot check project {project}: {e}") from None
+        except LabelStudioError as e:
+            raise WebhookError(404, f"Label Studio has no project {project} that this backend may read: {e}") from None
+    return check
 #: The repository root: the retrain runs as ``python -m training.retrain`` from here.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -134,29 +181,41 @@ def _update_count(model_dir: Path, project: str, reset: bool) -> int:
     return n
 
 
-def _payload_project(payload: dict) -> str | None:
-    """The project of a webhook payload (``project`` object or id, else ``task.project``); None if absent."""
+def _payload_project(payload: dict) -> str:
+    """The project of a webhook payload (``project`` object or id, else ``task.project``).
+
+    Raises:
+        WebhookError: 400 when there is none or it is not a project id.
+    """
     project = payload.get("project")
     if project is None and isinstance(payload.get("task"), dict):
         project = payload["task"].get("project")
     try:
-        return parse_project_id(project)
-    except ValueError:
-        return None
+        parsed = parse_project_id(project)
+    except ValueError as e:
+        raise WebhookError(400, f"webhook payload: {e}") from None
+    if parsed is None:
+        raise WebhookError(400, "webhook payload has no project id (expected 'project': {\"id\": <int>} "
+                                "or 'task': {\"project\": <int>})")
+    return parsed
 
 
-def on_webhook(payload: dict, settings: Settings) -> dict:
+def on_webhook(payload: dict, settings: Settings, verify_project: Callable[[str], None] | None = None) -> dict:
     """Handle one Label Studio webhook event (module docstring); never blocks on a retrain.
 
     Args:
         payload: the webhook JSON, e.g. ``{"action": "START_TRAINING", "project": {"id": 12, ...}}``.
         settings: the backend's :class:`~sim_backend.settings.Settings`.
+        verify_project: called with the project id before anything is written for it; raises
+            :class:`WebhookError` for a project that must not be (the backend's route passes
+            :func:`label_studio_project_check`; None: the caller already knows the project exists).
 
     Returns:
-        A JSON-serialisable dict with ``status`` in ``started``, ``busy``, ``counted``, ``ignored``,
-        ``error`` (``message`` says why).
+        A JSON-serialisable dict with ``status`` in ``started``, ``busy``, ``counted``, ``ignored``.
 
     Raises:
+        WebhookError: a payload that is not an object or has no usable project id (400), and whatever
+            ``verify_project`` raises (nothing was written then).
         OSError: from :func:`start_retrain` (nothing started then), or the annotation count
             (``ANNOTATION_CREATED``): its lock file or its file cannot be opened, locked or written. The
             count is updated twice: before the retrain starts (then nothing is started) and, to reset it,
@@ -164,18 +223,18 @@ def on_webhook(payload: dict, settings: Settings) -> dict:
             backend's route then answers 500).
     """
     if not isinstance(payload, dict):
-        return {"status": "error", "message": "webhook payload must be a JSON object"}
+        raise WebhookError(400, "webhook payload must be a JSON object")
     action = payload.get("action")
     if action not in ("START_TRAINING", "ANNOTATION_CREATED"):
         return {"status": "ignored", "action": action}
     project = _payload_project(payload)
-    if project is None:
-        return {"status": "error", "action": action, "message": "webhook payload has no project id"}
+    every = settings.retrain_every_n
+    if action == "ANNOTATION_CREATED" and every <= 0:
+        return {"status": "ignored", "action": action, "message": "RETRAIN_EVERY_N_ANNOTATIONS is 0 (off)"}
+    if verify_project is not None:
+        verify_project(project)
     if action == "START_TRAINING":
         return start_retrain(project, settings)
-    every = settings.retrain_every_n
-    if every <= 0:
-        return {"status": "ignored", "action": action, "message": "RETRAIN_EVERY_N_ANNOTATIONS is 0 (off)"}
     model_dir = Path(settings.model_dir).resolve()
     count = _update_count(model_dir, project, reset=False)
     if count < every:
@@ -187,4 +246,4 @@ def on_webhook(payload: dict, settings: Settings) -> dict:
     return out
 
 
-__all__ = ["on_webhook", "start_retrain", "COUNT_FILE"]
+__all__ = ["on_webhook", "start_retrain", "label_studio_project_check", "WebhookError", "COUNT_FILE"]

@@ -13,17 +13,24 @@ consumer needs it (brush RLE, COCO RLE).
 
 :func:`predict_valid_boxes` is the check-boxes → predict → skip sequence shared by the backend, the
 scores and the evaluation: boxes that cannot be segmented (zero area, outside the image, …) are
-skipped with their reason and the rest go to the engine in one call.
+skipped with their reason and the rest go to the engine in one call, or, under a deadline, in chunks
+that shrink as it nears (:func:`predict_valid_box_chunks`; the boxes not reached by then are skipped as
+:data:`DEADLINE_EXCEEDED`).
 """
 from __future__ import annotations
 
 import abc
+import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from sim_model.boxes import box_pixel_bounds
+
+
+#: The skip reason of a box that :func:`predict_valid_boxes` did not reach before its deadline.
+DEADLINE_EXCEEDED = "deadline exceeded"
 
 
 class BoxToMaskError(ValueError):
@@ -148,6 +155,15 @@ class BoxMasks:
         """Crop ``k`` thresholded: (r1 - r0, c1 - c0) bool, True where the probability >= ``threshold``."""
         return self.crops[k] >= threshold
 
+    @classmethod
+    def concat(cls, image_size: tuple[int, int], parts: Sequence["BoxMasks"]) -> "BoxMasks":
+        """The masks of ``parts`` (all on one image of ``image_size`` (H, W)), one after another."""
+        if not parts:
+            return cls.empty(image_size)
+        return cls(tuple(int(v) for v in image_size), np.concatenate([p.bounds for p in parts]).astype(np.int64),
+                   tuple(c for p in parts for c in p.crops),
+                   np.concatenate([p.scores for p in parts]).astype(np.float32))
+
     def select(self, indices: Sequence[int]) -> "BoxMasks":
         """The masks at ``indices``, in that order."""
         idx = [int(i) for i in indices]
@@ -165,6 +181,9 @@ class BoxToMask(abc.ABC):
 
     #: Stable version string reported to Label Studio, e.g. "grabcut-v1" or "sim-v0003".
     model_version: str = "unknown"
+    #: Seconds per box of the engine's last :meth:`predict` call (None before the first): the pace with
+    #: which :func:`predict_valid_box_chunks` sizes its first chunk under a deadline.
+    seconds_per_box: float | None = None
 
     def predict(self, image: np.ndarray, boxes: np.ndarray, labels: Sequence[str]) -> BoxMasks:
         """Segment the object inside each box.
@@ -195,7 +214,9 @@ class BoxToMask(abc.ABC):
         if not checks:
             return BoxMasks.empty(hw)
         clipped = np.stack([c.box for c in checks]).astype(np.float32)
+        t0 = time.monotonic()
         crops, scores = self._predict(image, clipped, [str(label) for label in labels])
+        self.seconds_per_box = (time.monotonic() - t0) / len(checks)
         return self._checked_output(hw, clipped, crops, scores)
 
     @abc.abstractmethod
@@ -252,14 +273,16 @@ class ValidBoxPrediction:
 
 
 def predict_valid_boxes(engine: BoxToMask, image: np.ndarray, boxes: np.ndarray,
-                        labels: Sequence[str]) -> ValidBoxPrediction:
-    """Check the boxes, segment the valid ones in one engine call, and say why the others were skipped.
+                        labels: Sequence[str], deadline: float | None = None) -> ValidBoxPrediction:
+    """Check the boxes, segment the valid ones, and say why the others were skipped.
 
     Args:
         engine: any :class:`BoxToMask`.
         image: (H, W, 3) uint8 RGB.
         boxes: (N, 4) float XYXY in pixels (rows with NaN count as "non-finite coordinate").
         labels: N class names.
+        deadline: ``time.monotonic()`` by which to stop, or None (every valid box in one engine call);
+            see :func:`predict_valid_box_chunks`.
 
     Returns:
         :class:`ValidBoxPrediction`.
@@ -267,18 +290,52 @@ def predict_valid_boxes(engine: BoxToMask, image: np.ndarray, boxes: np.ndarray,
     Raises:
         BoxToMaskError: a malformed image or boxes array, a length mismatch, or a broken engine output.
     """
+    parts = list(predict_valid_box_chunks(engine, image, boxes, labels, deadline))
+    return ValidBoxPrediction(BoxMasks.concat(image.shape[:2], [p.masks for p in parts]),
+                              [i for p in parts for i in p.kept], sorted(s for p in parts for s in p.skipped))
+
+
+def predict_valid_box_chunks(engine: BoxToMask, image: np.ndarray, boxes: np.ndarray, labels: Sequence[str],
+                             deadline: float | None = None) -> Iterator[ValidBoxPrediction]:
+    """:func:`predict_valid_boxes` chunk by chunk, for a consumer that works on each chunk under the deadline.
+
+    Without a deadline, one chunk holds every valid box (one engine call). With one, each chunk holds as
+    many boxes as half the time left allows at the pace measured so far in this call, the consumer's work
+    on the chunks before included (the generator's clock runs while it is suspended); the first chunk goes
+    by the engine's :attr:`BoxToMask.seconds_per_box` of its last call, and is one box when the engine has
+    none yet. So a request that fits is one engine call, the last chunks of one that does not are single
+    boxes, and the consumer that stops asking at the deadline ends by it plus about one box's time. The last item lists the boxes skipped: the invalid ones with their reason, and
+    those not reached by the deadline with :data:`DEADLINE_EXCEEDED`.
+
+    Args:
+        engine, image, boxes, labels: as :func:`predict_valid_boxes`.
+        deadline: ``time.monotonic()`` by which to stop, or None.
+
+    Yields:
+        :class:`ValidBoxPrediction` of one chunk (``skipped`` empty), then one with no masks and every skip.
+
+    Raises:
+        BoxToMaskError: as :func:`predict_valid_boxes`.
+    """
     check_image(image)
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if len(boxes) else np.zeros((0, 4))
     if len(labels) != len(boxes):
         raise BoxToMaskError(f"{len(boxes)} boxes but {len(labels)} labels")
     checks = check_boxes(boxes, image.shape[:2])
-    kept = [i for i, c in enumerate(checks) if c.ok]
+    valid = [i for i, c in enumerate(checks) if c.ok]
     skipped = [(i, c.reason) for i, c in enumerate(checks) if not c.ok]
-    if not kept:
-        return ValidBoxPrediction(BoxMasks.empty(image.shape[:2]), [], skipped)
-    masks = engine.predict(image, np.stack([checks[i].box for i in kept]), [labels[i] for i in kept])
-    return ValidBoxPrediction(masks, kept, skipped)
+    done, n, t0 = 0, len(valid), time.monotonic()
+    while done < len(valid) and (deadline is None or time.monotonic() < deadline):
+        if deadline is not None:  # seconds per box → as many boxes as half the time left allows
+            pace = (time.monotonic() - t0) / done if done else engine.seconds_per_box
+            n = 1 if pace is None else max(1, int((deadline - time.monotonic()) / 2 / max(pace, 1e-9)))
+        chunk = valid[done:done + n]
+        masks = engine.predict(image, np.stack([checks[i].box for i in chunk]), [labels[i] for i in chunk])
+        done += len(chunk)
+        yield ValidBoxPrediction(masks, chunk, [])
+    skipped += [(i, DEADLINE_EXCEEDED) for i in valid[done:]]
+    yield ValidBoxPrediction(BoxMasks.empty(image.shape[:2]), [], sorted(skipped))
 
 
-__all__ = ["BoxToMask", "BoxToMaskError", "BoxMasks", "BoxCheck", "ValidBoxPrediction", "check_image",
-           "check_boxes", "predict_valid_boxes"]
+__all__ = ["DEADLINE_EXCEEDED", "BoxToMask", "BoxToMaskError", "BoxMasks", "BoxCheck", "ValidBoxPrediction", "check_image",
+           "check_boxes", "predict_valid_boxes", "predict_valid_box_chunks"]

@@ -229,6 +229,14 @@ def test_export_from_real_label_studio(project, label_studio, tmp_path):
                                  reg, progress=lambda m: None)
 
 
+def test_start_training_for_a_project_label_studio_does_not_know_is_404_and_writes_nothing(project):
+    """The backend asks the real Label Studio (its PAT) before it writes a lock for a project."""
+    r = requests.post(project.backend.url + "/webhook", auth=project.backend.auth, timeout=60,
+                      json={"action": "START_TRAINING", "project": {"id": project.id + 9000}})
+    assert r.status_code == 404 and f"no project {project.id + 9000}" in r.json()["error"], r.text
+    assert not (project.model_dir / str(project.id + 9000)).exists()
+
+
 def test_retrain_publishes_a_new_version(flow):
     assert flow.first.returncode == 0, flow.first.stderr[-3000:]
     reg = ModelRegistry(flow.model_dir)

@@ -5,14 +5,23 @@ real Flask app (or the real image loader), and the servers are real HTTP servers
 """
 from __future__ import annotations
 
+import base64
 import http.server
+import io
+import json
 import logging
 import os
+import re
+import select
 import shutil
 import socket
+import struct
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +35,7 @@ from sim_backend.settings import Settings
 from sim_backend.webhook import on_webhook
 from sim_model.engines.shape_prior import FilledBoxEngine
 from sim_model.registry import ProjectLock, retrain_slots
+from sim_model.datasets import REPO_ROOT
 from tests.support import COCO_VAL_IMAGES, FileServer, coco_boxes, coco_config, jwt_token, rect_item
 
 IMG = COCO_VAL_IMAGES / "000000000139.jpg"  # 640 x 426
@@ -611,3 +621,199 @@ def test_an_environment_key_never_goes_to_the_host_setup_names(tmp_path, image_c
     finally:
         foreign.close()
     assert foreign.requests == [] and "not set" in body["errors"][0]["error"]
+
+
+# ---------------------------------------------------------------------------------------------- a hostile probe, round 2
+@pytest.mark.timeout(120)
+def test_400_boxes_in_one_task_answer_by_the_deadline_with_the_rest_marked(tmp_path, image_copy):
+    """Row 1: the deadline held only between tasks (400 GrabCut boxes answered at 30 s with a 10-s deadline)."""
+    xy = np.random.default_rng(3).uniform(0, 1, (400, 2)) * [340, 150]
+    rects = [rect_item(LABEL, [x, y, 300, 276], 640, 426, rid=f"r{i}") for i, (x, y) in enumerate(xy)]
+    client = _client(_settings(tmp_path, REQUEST_DEADLINE_S="3", OUTPUT_BRUSH="false"))
+    t0 = time.monotonic()
+    body = _predict(client, str(image_copy), rects).get_json()
+    took = time.monotonic() - t0
+    late = [s["region"] for s in body["skipped"] if "deadline exceeded" in s["reason"]]
+    assert late and all("REQUEST_DEADLINE_S=3.0" in s["reason"] for s in body["skipped"])
+    assert took < 3 + 1.5, (took, len(late))  # the deadline plus about one box (and the request around it)
+    assert body["results"][0]["result"] and len(late) < 400  # the boxes done keep their regions
+    # the boxes not reached are the last ones, each marked once
+    assert late == [f"r{i}" for i in range(400 - len(late), 400)]
+
+
+def test_a_50_megapixel_16_bit_png_decodes_without_whole_image_int64_copies(tmp_path):
+    """Row 2: a 97-kB 16-bit PNG of 7071 x 7071 px cost 1 GB (int64 copies of the whole image); numpy's share
+    of the peak is now the 3-byte-per-pixel result and a strip."""
+    side = 4000
+    ramp = np.linspace(0, 65535, side).astype(np.uint16)
+    Image.fromarray(np.broadcast_to(ramp, (side, side)).copy()).save(tmp_path / "g16.png")
+    loader = ImageLoader(_settings(tmp_path))
+    tracemalloc.start()
+    image = loader.load(str(tmp_path / "g16.png"))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert image.shape == (side, side, 3) and np.array_equal(image[7, :, 2], (ramp >> 8).astype(np.uint8))
+    assert peak < 3 * side * side + 16 * MIB, peak / MIB  # the result + a strip; before: > 16 bytes per pixel
+
+
+def test_an_authorization_header_that_does_not_decode_is_401(tmp_path):
+    """Row 3: ``Basic \\xff`` answered 500 with a traceback per request."""
+    client = _client(_settings(tmp_path, BASIC_AUTH_USER="u", BASIC_AUTH_PASS="p"))
+    for header in ("Basic \xff", "Basic \xff\xfe==", "Basic !!!", "Basic " + "w6k=", "Bearer \xff"):
+        r = client.get("/versions", headers={"Authorization": header})
+        assert r.status_code == 401 and "authentication required" in r.get_json()["error"], header
+
+
+@pytest.mark.parametrize("path", ["/predict", "/setup", "/webhook", "/versions"])
+@pytest.mark.parametrize("depth", [100, 5000])
+def test_deeply_nested_json_is_400_naming_the_problem(tmp_path, path, depth):
+    """Row 4: JSON nested 1000+ levels was a 500 RecursionError."""
+    client = _client(_settings(tmp_path))
+    body = '{"project": 1, "x": ' + "[" * depth + "]" * depth + "}"
+    method = client.get if path == "/versions" else client.post
+    r = method(path, data=body, content_type="application/json")
+    assert r.status_code == 400 and "nested" in r.get_json()["error"] and "MAX_JSON_DEPTH=64" in r.get_json()["error"]
+
+
+def _gunicorn(tmp_path: Path, **env: str):
+    """The README's gunicorn (one worker) on a free port of 127.0.0.1, with ``env``; yields its base URL."""
+    port = _free_port()
+    full = dict(os.environ, MODEL_DIR=str(tmp_path / "models"), LOG_LEVEL="WARNING", **env)
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "gunicorn"), "sim_backend.wsgi:app", "-b",
+                             f"127.0.0.1:{port}", "-w", "1", "--threads", "2", "--no-control-socket"],
+                            cwd=REPO_ROOT, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for _ in range(300):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.2)
+    return proc, port
+
+
+def _raw_request(port: int, head: bytes, body_chunks=()) -> tuple[int, dict, int]:
+    """Send ``head`` then ``body_chunks`` (chunked encoding) until the server answers; (status, JSON, bytes sent)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(head)
+        sent = 0
+        for chunk in body_chunks:
+            if select.select([s], [], [], 0)[0]:
+                break  # the server has answered: stop sending
+            try:
+                s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+        else:
+            if body_chunks:
+                s.sendall(b"0\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
+                re.search(rb"(?i)content-length: *(\d+)", data).group(1)):
+            more = s.recv(65536)
+            if not more:
+                break
+            data += more
+    head_part, body = data.split(b"\r\n\r\n", 1)
+    return int(head_part.split()[1]), json.loads(body), sent
+
+
+def test_on_the_wire_a_chunked_body_over_max_request_bytes_is_413_and_bad_auth_bytes_are_401(tmp_path):
+    """Rows 5 and 3 through the README's gunicorn: a chunked body above MAX_REQUEST_BYTES was cut at the limit
+    and answered 400 "not valid JSON" after 20 MB; ``Authorization: Basic \\xff`` was a 500 with a traceback."""
+    proc, port = _gunicorn(tmp_path, MAX_REQUEST_BYTES=str(MIB), BASIC_AUTH_USER="u", BASIC_AUTH_PASS="p")
+    auth = b"Authorization: Basic " + base64.b64encode(b"u:p") + b"\r\n"
+    try:
+        head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + auth
+                + b"Transfer-Encoding: chunked\r\n\r\n")
+        status, body, sent = _raw_request(port, head, (b" " * 65536 for _ in range(1024)))  # up to 64 MiB
+        assert status == 413 and "MAX_REQUEST_BYTES=1048576" in body["error"], body
+        assert sent < 32 * MIB, sent / MIB  # the answer came once the limit was reached, not after 64 MiB
+        small = (b'{"tasks": []}',)
+        status, body, _ = _raw_request(port, head, small)
+        assert status == 400 and "no tasks" in body["error"]  # a chunked body under the limit is read
+        for bad in (b"Basic \xff", b"Basic \xff\xfe==", b"Basic !!!"):
+            status, body, _ = _raw_request(port, b"GET /versions HTTP/1.1\r\nHost: x\r\nAuthorization: " + bad
+                                           + b"\r\nConnection: close\r\n\r\n")
+            assert status == 401 and "authentication required" in body["error"], (bad, status, body)
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0].decode(errors="replace")
+    assert "Traceback" not in out, out[-3000:]
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG of ``width`` x ``height`` 1-bit pixels whose image data is cut off: Pillow opens it (header only)."""
+    buf = io.BytesIO()
+    Image.new("1", (8, 8)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = 8 + 8  # signature, then length + "IHDR"
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    return bytes(data)
+
+
+def test_max_image_pixels_governs_pillows_own_limit_and_is_named(tmp_path):
+    """Row 6: above 178,956,970 px Pillow's bomb check fired first, with a message that named no setting."""
+    (tmp_path / "big.png").write_bytes(_png_header(15000, 12000))  # 180 M px: above Pillow's default 2 x limit
+    loader = ImageLoader(_settings(tmp_path, MAX_IMAGE_PIXELS="200000000"))
+    with pytest.raises(ImageLoadError) as e:
+        loader.load(str(tmp_path / "big.png"))
+    assert "decompression bomb" not in str(e.value) and "not a readable image" in str(e.value)  # Pillow let it through
+    shutil.copy(IMG, tmp_path / "a.jpg")
+    small = ImageLoader(_settings(tmp_path, MAX_IMAGE_PIXELS="1000"))  # 640 x 426 is above 2 x 1000: Pillow's check
+    with pytest.raises(ImageLoadError, match="more pixels than MAX_IMAGE_PIXELS=1000 allows"):
+        small.load(str(tmp_path / "a.jpg"))
+    with pytest.raises(ImageLoadError, match="above MAX_IMAGE_PIXELS=100000000"):
+        ImageLoader(_settings(tmp_path, MAX_IMAGE_PIXELS="100000000")).load(str(tmp_path / "big.png"))
+
+
+def _label_studio_with_projects(root: Path, *ids: int) -> "FileServer":
+    """A stand-in Label Studio (unit test) that has the projects ``ids`` (GET /api/projects/<id>/)."""
+    for i in ids:
+        (root / "api" / "projects" / str(i)).mkdir(parents=True)
+        (root / "api" / "projects" / str(i) / "index.html").write_text(json.dumps({"id": i, "title": f"p{i}"}))
+    return FileServer(root, token="ls-key")
+
+
+def test_start_training_for_a_project_label_studio_does_not_know_writes_nothing(tmp_path):
+    """Row 7: START_TRAINING for a project that does not exist created MODEL_DIR/<id>/retrain.lock each time."""
+    with _label_studio_with_projects(tmp_path / "ls", 7) as ls:
+        settings = _settings(tmp_path, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY="ls-key",
+                             RETRAIN_EVERY_N_ANNOTATIONS="1", RETRAIN_ARGS="--timeout 2")
+        client = _client(settings)
+        for action in ("START_TRAINING", "ANNOTATION_CREATED"):
+            r = client.post("/webhook", json={"action": action, "project": {"id": 4242}})
+            assert r.status_code == 404 and "no project 4242" in r.get_json()["error"], r.get_json()
+        assert not (settings.model_dir / "4242").exists()
+        r = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})
+        assert r.status_code == 200 and r.get_json()["status"] == "started"
+        assert ("/api/projects/4242/", "Token ls-key") in ls.requests
+    unconfigured = _client(_settings(tmp_path))
+    r = unconfigured.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 8}})
+    assert r.status_code == 503 and "LABEL_STUDIO_URL" in r.get_json()["error"]
+    assert not (tmp_path / "models" / "8").exists()
+    _wait_for_no_retrain(settings.model_dir, "7")
+
+
+def _wait_for_no_retrain(model_dir: Path, project: str) -> None:
+    deadline = time.monotonic() + 120
+    while ProjectLock(model_dir, project).is_held():
+        assert time.monotonic() < deadline, "the retrain never ended"
+        time.sleep(0.3)
+
+
+@pytest.mark.parametrize("payload, reason", [
+    ({"action": "START_TRAINING"}, "no project id"),
+    ({"action": "START_TRAINING", "project": {"title": "x"}}, "no project id"),
+    ({"action": "START_TRAINING", "project": "../../etc"}, "'../../etc' is not a Label Studio project id"),
+    ({"action": "START_TRAINING", "project": {"id": "../../etc"}}, "is not a Label Studio project id"),
+    ({"action": "START_TRAINING", "project": -1}, "'-1' is not a Label Studio project id"),
+    ({"action": "ANNOTATION_CREATED", "task": {"project": "1; rm -rf /"}}, "is not a Label Studio project id"),
+])
+def test_a_malformed_webhook_payload_is_400_with_the_reason(tmp_path, payload, reason):
+    """Row 8: a malformed webhook payload answered HTTP 200 {"status": "error"}."""
+    client = _client(_settings(tmp_path, RETRAIN_EVERY_N_ANNOTATIONS="1"))
+    r = client.post("/webhook", json=payload)
+    assert r.status_code == 400 and reason in r.get_json()["error"], r.get_json()
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())

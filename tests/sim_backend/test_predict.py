@@ -95,6 +95,9 @@ def test_batch_uses_latest_annotation_then_latest_prediction_one_engine_call_per
          "result": [rect_item(l, b, wb, hb, rid=f"b{i}") for i, (l, b, _) in enumerate(objs_b)]},
         own_polygons]}                                   # a later polygon-only prediction is passed over
     task_c = {"id": 3, "data": {"image": path_b}}        # nothing to segment
+    # an engine that knows its pace (from any earlier call) gets every box of an image in one call while
+    # the request's deadline allows (before its first call it gets one box first: predict_valid_box_chunks)
+    engine.predict(np.zeros((8, 8, 3), np.uint8), np.array([[0, 0, 4, 4]], np.float32), ["tv"])
     engine.calls.clear()
     r = client.post("/predict", json={"project": 7, "label_config": cfg, "tasks": [task_a, task_b, task_c]})
     assert r.status_code == 200

@@ -116,8 +116,11 @@ def test_retrain_every_n_annotations(settings):
 def test_other_events_are_ignored(settings):
     assert on_webhook({"action": "ANNOTATION_UPDATED", "project": {"id": 1}}, settings)["status"] == "ignored"
     assert on_webhook({"action": "PROJECT_UPDATED"}, settings)["status"] == "ignored"
-    assert on_webhook({"action": "START_TRAINING"}, settings)["status"] == "error"  # no project id
-    assert on_webhook("nonsense", settings)["status"] == "error"
+    with pytest.raises(webhook.WebhookError, match="no project id") as e:
+        on_webhook({"action": "START_TRAINING"}, settings)
+    assert e.value.status == 400
+    with pytest.raises(webhook.WebhookError, match="must be a JSON object"):
+        on_webhook("nonsense", settings)
     assert not (settings.model_dir / "1").exists()  # nothing started, nothing written
 
 

@@ -3,7 +3,7 @@ check-boxes → predict → skip helper."""
 import numpy as np
 import pytest
 
-from sim_model.box_to_mask import BoxMasks, BoxToMask, BoxToMaskError, predict_valid_boxes
+from sim_model.box_to_mask import DEADLINE_EXCEEDED, BoxMasks, BoxToMask, BoxToMaskError, predict_valid_boxes
 from sim_model.boxes import box_pixel_bounds
 from sim_model.engines.shape_prior import FilledBoxEngine
 
@@ -83,6 +83,32 @@ def test_predict_valid_boxes_skips_with_reasons_and_keeps_order():
     assert none.kept == [] and len(none.masks) == 0 and len(e.calls) == 1
     with pytest.raises(BoxToMaskError, match="labels"):
         predict_valid_boxes(e, IMAGE, boxes, ["a"])
+
+
+def test_under_a_deadline_the_boxes_go_in_shrinking_chunks_and_the_rest_are_marked():
+    """A slow engine (0.05 s per box, 40 boxes) under a 0.5-s deadline: a first box alone (no pace known),
+    then chunks of at most half the time left, the answer by the deadline plus about one box, the boxes
+    not reached skipped as DEADLINE_EXCEEDED; with a known pace and time enough, one call."""
+    import time
+
+    def slow(boxes):
+        time.sleep(0.05 * len(boxes))
+        return _ones(boxes)
+
+    e = Echo(slow)
+    boxes = np.array([[1 + i, 1, 20 + i, 30] for i in range(40)], np.float64)
+    t0 = time.monotonic()
+    pred = predict_valid_boxes(e, IMAGE, boxes, ["a"] * 40, deadline=t0 + 0.5)
+    took = time.monotonic() - t0
+    sizes = [len(c[1]) for c in e.calls]
+    assert sizes[0] == 1 and 1 < len(sizes) and sum(sizes) == len(pred.kept) < 40
+    assert took < 0.5 + 0.05 + 0.04, took  # the deadline plus one box (and some scheduling)
+    assert [i for i, r in pred.skipped if r == DEADLINE_EXCEEDED] == list(range(len(pred.kept), 40))
+    assert pred.masks.bounds.tolist() == [list(box_pixel_bounds(b, IMAGE.shape[:2])) for b in boxes[pred.kept]]
+    assert e.seconds_per_box == pytest.approx(0.05, abs=0.02)
+    e.calls.clear()
+    whole = predict_valid_boxes(e, IMAGE, boxes[:5], ["a"] * 5, deadline=time.monotonic() + 10)
+    assert [len(c[1]) for c in e.calls] == [5] and whole.kept == [0, 1, 2, 3, 4] and whole.skipped == []
 
 
 def test_memory_grows_with_box_area_not_with_image_size():
