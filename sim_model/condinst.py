@@ -16,6 +16,9 @@ In training ``forward`` returns a dict of ``loss_*`` scalars:
   projection), ``loss_pairwise`` (BoxInst pairwise, linear warm-up);
 - with ``MODEL.MASK_SUPERVISION.WEIGHT`` > 0: ``loss_mask``, BCE + Dice of the instances whose mask an
   annotator drew (``gt_masks`` rows where ``gt_mask_supervised``; :mod:`training.data`), 0 without any;
+  with ``MODEL.MASK_SUPERVISION.EXCLUSIVE`` (default) those instances learn from their mask alone: their
+  positives are left out of ``loss_prj``, ``loss_pairwise`` and ``loss_pseudo``, and their masks, not their
+  pseudo masks, feed SIM's prototypes and memory bank;
 - with ``MODEL.SIM.ENABLED``: ``loss_pseudo`` (λ1·L_pseudo, SIM Eq. 8) if
   ``MODEL.SIM.PSEUDO_LOSS.ENABLED`` and ``loss_paste`` (λ2·L_paste, Eq. 9) if
   ``MODEL.SIM.COPY_PASTE.ENABLED``; both are 0 until ``MODEL.SIM.WARMUP_ITERS`` (the gate);
@@ -289,6 +292,14 @@ class CondInst(nn.Module):
                                                         self.max_proposals))
         mask_logits = self.net.mask_logits(out, trained.image, trained.location)  # (P, 1, Hm, Wm)
         box_grid_masks = torch.cat(prep["box_masks"])  # (M, Hm, Wm)
+        ms = self.mask_supervision
+        sup_obj = torch.cat(supervised) if ms.weight > 0 else torch.zeros(box_grid_masks.shape[0], dtype=torch.bool,
+                                                                          device=self.device)
+        mask_grid = (_masks_on_grid(gt_masks, [len(b_) for b_ in boxes], tuple(box_grid_masks.shape[-2:]),
+                                    self.mask_out_stride) if bool(sup_obj.any()) else None)  # (M, Hm, Wm)
+        sup = sup_obj[trained.object]
+        # the positives that learn from their box (all, unless a supervised instance learns from its mask alone)
+        boxed = ~sup if ms.exclusive else torch.ones_like(sup)
         affinity = prep["color_similarity"][trained.image]
         thresh = b.color_thresh
         t_out = teacher_pass(self.teacher, images.tensor, out, trunk) if sim_on else None
@@ -298,17 +309,14 @@ class CondInst(nn.Module):
             z = torch.nn.functional.normalize(aligned_bilinear(t_out.mask_feats, 2), dim=1)
             affinity = affinity * feature_similarity(z, b.kernel_size, b.dilation)[trained.image]
             thresh = s.affinity_thresh
-        losses.update(boxinst_losses(mask_logits, box_grid_masks[trained.object][:, None], affinity, thresh, it, b,
-                                     with_pairwise=not sepa_on))
+        losses.update(boxinst_losses(mask_logits[boxed], box_grid_masks[trained.object[boxed]][:, None],
+                                     affinity[boxed], thresh, it, b, with_pairwise=not sepa_on))
         if misa is not None and (misa.fsd or misa.sepa):
             losses.update(self._misa_losses(raw, images, boxes, classes, out, prep, trained, mask_logits,
                                             box_grid_masks, it))
-        ms = self.mask_supervision
         if ms.weight > 0:
-            sup = torch.cat(supervised)[trained.object]
             if bool(sup.any()):
-                target = _masks_on_grid(gt_masks, [len(b_) for b_ in boxes], tuple(box_grid_masks.shape[-2:]),
-                                        self.mask_out_stride)[trained.object[sup]]
+                target = mask_grid[trained.object[sup]]
                 losses["loss_mask"] = pseudo_mask_loss(mask_logits[sup, 0], target, torch.ones_like(target),
                                                        ms.bce_weight, ms.dice_weight) * ms.weight
             else:
@@ -321,7 +329,11 @@ class CondInst(nn.Module):
             if s.copy_paste:
                 losses["loss_paste"] = zero
             if sim_on:
-                batch = SIMBatch(raw, boxes, classes, is_pasted, paste_masks, box_grid_masks, tight)
+                exclusive = ms.exclusive and mask_grid is not None
+                batch = SIMBatch(raw, boxes, classes, is_pasted, paste_masks, box_grid_masks, tight,
+                                 supervised=sup_obj if exclusive else None,
+                                 mask_grid=mask_grid if exclusive else None,
+                                 gt_masks=gt_masks if exclusive else None)
                 losses.update(sim_losses(s, batch, positives, trained, mask_logits,
                                          teacher_net(self.teacher, self.net), t_out, self.mask_out_stride,
                                          self.prototypes, self.memory_bank))

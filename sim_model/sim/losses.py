@@ -34,6 +34,12 @@ class SIMBatch:
         box_grid_masks: (Σ M_i, Hm, Wm) float {0, 1} every object's box on the mask grid.
         box_tight: (M_i,) bool, False for objects whose box the view cut (``gt_box_tight``,
             :mod:`training.data`): their pseudo masks are not pushed into the memory bank.
+        supervised: (Σ M_i,) bool, the objects whose annotator's mask supervises them alone
+            (``MODEL.MASK_SUPERVISION.EXCLUSIVE``), or None: no pseudo loss on them, and their mask instead
+            of their pseudo mask feeds the prototypes and (score 1) the memory bank.
+        mask_grid: (Σ M_i, Hm, Wm) float {0, 1} those masks on the mask grid (None with ``supervised``).
+        gt_masks: per image (M_i, H_i, W_i) bool those masks at image resolution, or None for an image
+            without any (None with ``supervised``).
     """
 
     images: Sequence[torch.Tensor]
@@ -43,6 +49,9 @@ class SIMBatch:
     paste_masks: Sequence[torch.Tensor]
     box_grid_masks: torch.Tensor
     box_tight: Sequence[torch.Tensor]
+    supervised: torch.Tensor | None = None
+    mask_grid: torch.Tensor | None = None
+    gt_masks: Sequence[torch.Tensor | None] | None = None
 
 
 def sim_losses(settings: SIMSettings, batch: SIMBatch, positives: Positives, trained: Positives,
@@ -58,6 +67,8 @@ def sim_losses(settings: SIMSettings, batch: SIMBatch, positives: Positives, tra
     each image are fed the teacher features of in-box pixels whose M_I exceeds
     ``prototype_input_thresh`` (official code); the bank receives each image with its real objects'
     pseudo masks (M̂_prob ≥ τ_high, at image resolution) and S_k, except objects whose box the view cut.
+    An object that an annotator's mask supervises alone (``batch.supervised``) gets no pseudo loss, and its
+    mask stands in for its pseudo mask in the prototypes' input and in the bank (score 1).
 
     Args:
         settings: :class:`sim_model.config.SIMSettings`.
@@ -101,10 +112,12 @@ def sim_losses(settings: SIMSettings, batch: SIMBatch, positives: Positives, tra
         weight = torch.ones((gt_boxes.shape[0], hm, wm), device=device)
         target[real], weight[real] = pm.target, pm.weight
 
+    sup = batch.supervised if batch.supervised is not None else torch.zeros_like(gt_pasted)
+    sup_r = sup[real]
     losses = {}
     student_pasted = gt_pasted[trained.object]
     if s.pseudo_loss:
-        k = ~student_pasted
+        k = ~student_pasted & ~sup[trained.object]  # a supervised object learns from its mask (loss_mask)
         obj = trained.object[k]
         losses["loss_pseudo"] = pseudo_mask_loss(mask_logits[k, 0], target[obj], weight[obj], s.bce_weight,
                                                  s.dice_weight) * s.pseudo_weight
@@ -116,6 +129,8 @@ def sim_losses(settings: SIMSettings, batch: SIMBatch, positives: Positives, tra
 
     with torch.no_grad():
         feed = (pm.instance_map > s.prototype_input_thresh) & (region > 0)
+        if bool(sup_r.any()):
+            feed[sup_r] = (batch.mask_grid[real][sup_r] > 0.5) & (region[sup_r] > 0)
         for im in img_r.unique().tolist():
             for c in cls_r[img_r == im].unique().tolist():
                 k = (img_r == im) & (cls_r == c)
@@ -129,8 +144,14 @@ def sim_losses(settings: SIMSettings, batch: SIMBatch, positives: Positives, tra
                 if not bool(k.any()):
                     continue
                 h, w = image.shape[1:]
-                probs = aligned_bilinear(pm.prob[k][:, None], stride)[:, 0, :h, :w]
-                memory_bank.push(image, probs >= s.thresh_high, cls_r[k], pm.score[k])
+                masks = aligned_bilinear(pm.prob[k][:, None], stride)[:, 0, :h, :w] >= s.thresh_high
+                scores = pm.score[k]
+                sup_k = sup_r[k]
+                if bool(sup_k.any()):  # the annotator's mask (the real objects come first in each image)
+                    own = batch.gt_masks[im][: int((img_r == im).sum())][k[img_r == im]]
+                    masks = torch.where(sup_k[:, None, None], own.to(masks.device), masks)
+                    scores = torch.where(sup_k, torch.ones_like(scores), scores)
+                memory_bank.push(image, masks, cls_r[k], scores)
     return losses
 
 

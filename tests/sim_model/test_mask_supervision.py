@@ -46,15 +46,16 @@ def test_masks_are_sampled_at_the_mask_grid_centres():
     assert grid.shape == (3, 2, 3) and grid[0, 0, 1] == 1 and grid.sum() == 1
 
 
-@pytest.mark.skipif(not TRAIN_JSON.exists(), reason=f"balloon not found at {BALLOON}")
-def test_the_supervised_instance_learns_its_mask_the_others_add_nothing():
-    torch.manual_seed(0)
-    data = json.loads(TRAIN_JSON.read_text())
-    image_info = data["images"][0]
-    anns = [a for a in data["annotations"] if a["image_id"] == image_info["id"]]
+def _balloon_view(index: int, side: int, fmt: str):
+    """Balloon train image ``index`` resized to ``side`` px on its long side: (image (3, h, w) uint8 in
+    ``fmt``, boxes (M, 4) XYXY px, masks (M, h, w) bool, the annotations)."""
     from detectron2.data.detection_utils import read_image
-    img = read_image(str(TRAIN_IMAGES / image_info["file_name"]), format="RGB")
-    s = 256 / max(img.shape[:2])
+
+    data = json.loads(TRAIN_JSON.read_text())
+    image_info = data["images"][index]
+    anns = [a for a in data["annotations"] if a["image_id"] == image_info["id"]]
+    img = read_image(str(TRAIN_IMAGES / image_info["file_name"]), format=fmt)
+    s = side / max(img.shape[:2])
     h, w = int(img.shape[0] * s), int(img.shape[1] * s)
     image = torch.nn.functional.interpolate(torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float(), size=(h, w),
                                             mode="bilinear", align_corners=False)[0].round().clamp(0, 255).byte()
@@ -64,6 +65,14 @@ def test_the_supervised_instance_learns_its_mask_the_others_add_nothing():
             for a in anns]
     gt = torch.stack([torch.nn.functional.interpolate(torch.from_numpy(m)[None, None].float(), size=(h, w))[0, 0] > 0.5
                       for m in full])
+    return image, boxes, gt, anns
+
+
+@pytest.mark.skipif(not TRAIN_JSON.exists(), reason=f"balloon not found at {BALLOON}")
+def test_the_supervised_instance_learns_its_mask_the_others_add_nothing():
+    torch.manual_seed(0)
+    image, boxes, gt, anns = _balloon_view(0, 256, "RGB")
+    h, w = image.shape[1:]
     cfg = build_config("configs/SIM_close_EffLite0_FPN_cpu.yaml", [
         "MODEL.SIM.ENABLED", "False", "SOLVER.IMS_PER_BATCH", "1", "MODEL.DEVICE", "cpu",
         "MODEL.MASK_SUPERVISION.WEIGHT", "1.0"],
@@ -90,3 +99,42 @@ def test_the_supervised_instance_learns_its_mask_the_others_add_nothing():
         loss.backward()
         opt.step()
     assert losses[0] > 0.3 and losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.skipif(not TRAIN_JSON.exists(), reason=f"balloon not found at {BALLOON}")
+def test_a_supervised_instance_learns_from_its_mask_alone_and_feeds_the_bank_its_mask():
+    """MODEL.MASK_SUPERVISION.EXCLUSIVE: the box terms and SIM's pseudo label of a supervised instance
+    contradicted its mask (a box-centred view's cut box is not tight; the pseudo label is the teacher's
+    guess), and its pseudo mask, not its mask, went into the memory bank. Now its positives are left out
+    of loss_prj / loss_pairwise / loss_pseudo, and the bank stores its mask with score 1."""
+    image, boxes, gt, anns = _balloon_view(1, 192, "BGR")
+    h, w = image.shape[1:]
+
+    def batch() -> list[dict]:
+        inst = Instances((h, w))
+        inst.gt_boxes = Boxes(boxes)
+        inst.gt_classes = torch.zeros(len(anns), dtype=torch.long)
+        inst.gt_masks = BitMasks(gt)
+        inst.gt_mask_supervised = torch.ones(len(anns), dtype=torch.bool)
+        return [{"image": image, "instances": inst}]
+
+    def step(exclusive: bool):
+        cfg = build_config("configs/SIM_close_EffLite0_FPN_cpu.yaml", [
+            "SOLVER.IMS_PER_BATCH", "1", "MODEL.DEVICE", "cpu", "MODEL.MASK_SUPERVISION.WEIGHT", "1.0",
+            "MODEL.MASK_SUPERVISION.EXCLUSIVE", str(exclusive), "MODEL.SIM.WARMUP_ITERS", "0"],
+            train_json=str(TRAIN_JSON), train_images=str(TRAIN_IMAGES))
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        return model, model(batch())
+
+    model, alone = step(True)
+    assert float(alone["loss_prj"]) == 0.0 and float(alone["loss_pairwise"]) == 0.0  # every positive is supervised
+    assert float(alone["loss_pseudo"]) == 0.0 and float(alone["loss_mask"]) > 0.1
+    entry = model.memory_bank[len(model.memory_bank) - 1]
+    assert entry.scores.tolist() == [1.0] * len(anns)
+    for m, crop in zip(gt, entry.mask_crops):
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        assert torch.equal(crop, m[ys.min():ys.max() + 1, xs.min():xs.max() + 1])  # the mask, not a pseudo mask
+    _, added = step(False)
+    assert float(added["loss_prj"]) > 0.1 and float(added["loss_pseudo"]) > 0.0  # the old path: all terms at once
+    assert float(added["loss_mask"]) == pytest.approx(float(alone["loss_mask"]), rel=1e-5)
