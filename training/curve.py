@@ -7,6 +7,7 @@ Command line::
         [--iters 1200] [--checkpoints 200,400,800,1200] [--aux-iters 400] [--fractions 0.25,0.5]
         [--masks 10,25,50,100]
         [--runs full,fractions,masks] [--engines map,refine,vote,refine+vote] [--budget-min 120] [--threads 1]
+        [--seeds 1,2]
         [--key balloon-val]
         [--work /tmp/curve-balloon] [--no-write] [KEY VALUE ...]
 
@@ -25,6 +26,10 @@ same model without the close look (the ablation). Runs:
   supervised by their ground-truth mask — the annotators' corrections — ``--aux-iters`` iterations (the
   full run's point there is its 0).
 
+``--masks`` takes ``all`` for every instance of the train split that has a mask (rows ``…_mall``). With
+``--seeds`` each run is trained once per seed (``SEED <s>``, folder ``<run>-s<s>``) and its point holds the
+mean over the seeds of every figure, with ``seeds`` and, per engine, ``mIoU_per_seed`` (the spread).
+
 A run whose work folder holds a finished ``train_result.json`` is not trained again (so a curve can be
 built over several sessions); evaluations are cached in ``<work>/<run>/eval-<iteration>.json``.
 
@@ -32,7 +37,7 @@ Rows written under ``--key`` of docs/benchmarks.json (:func:`sim_model.results.r
 ``box`` and ``grabcut`` (references), ``learned`` (the best engine variant of the full run at the last
 checkpoint whose training fits ``--budget-min`` CPU minutes), ``learned_masks50`` (the same with 50
 corrected masks), and one row per curve point (``learned_<engine>@<it>``, ``learned_<engine>_f<pct>``,
-``learned_<engine>_m<n>``), each with ``train_minutes_cpu``; a PNG per dataset, ``docs/curve-<key>.png``,
+``learned_<engine>_m<n>``, ``learned_<engine>_mall``), each with ``train_minutes_cpu``; a PNG per dataset, ``docs/curve-<key>.png``,
 of every point recorded under the key (:func:`recorded_points`), so runs of earlier invocations stay on it.
 """
 from __future__ import annotations
@@ -212,9 +217,31 @@ def best_engine(figures: dict[str, dict], engines: Sequence[str] = ENGINES) -> s
 
 #: A curve point's row name: ``learned_<engine>@<iterations>`` (full run), ``…_f<percent>`` (fractions),
 #: ``…_m<masks>`` (corrected masks).
-ROW_NAME = re.compile(r"learned_(?P<engine>[a-z+]+)(?:@(?P<at>\d+)|_f(?P<f>\d+)|_m(?P<m>\d+))")
+ROW_NAME = re.compile(r"learned_(?P<engine>[a-z+]+)(?:@(?P<at>\d+)|_f(?P<f>\d+)|_m(?P<m>\d+|all))")
 #: What a point carries besides its engines' figures.
 POINT_META = ("iterations", "train_minutes_cpu", "n_train_images", "n_train_boxes", "n_masks")
+#: Also carried when a point is the mean over several seeds (``--seeds``).
+SEED_META = ("seeds",)
+
+
+def mean_point(points: Sequence[dict], seeds: Sequence[int], engines: Sequence[str]) -> dict:
+    """The point of one run trained with several seeds: every numeric figure averaged over the seeds,
+    ``seeds``, and per engine ``mIoU_per_seed`` (in the order of ``seeds``).
+
+    Args:
+        points: one point per seed (:func:`main`'s points: meta keys and ``<engine>: {figures}``).
+        seeds: the seeds, in the order of ``points``.
+        engines: the engine variants the points hold.
+    """
+    out = {k: sum(q[k] for q in points) / len(points) for k in POINT_META if k in points[0]}
+    out["seeds"] = list(seeds)
+    for e in engines:
+        if all(e in q for q in points):
+            figs = {k: sum(q[e][k] for q in points) / len(points) for k in points[0][e]
+                    if all(isinstance(q[e].get(k), (int, float)) for q in points)}
+            figs["mIoU_per_seed"] = [q[e]["mIoU"] for q in points]
+            out[e] = figs
+    return out
 
 
 def recorded_points(table: dict) -> tuple[list[dict], list[dict], list[dict]]:
@@ -238,7 +265,7 @@ def recorded_points(table: dict) -> tuple[list[dict], list[dict], list[dict]]:
             continue
         axis = next(a for a in axes if m.group(a) is not None)
         point = axes[axis].setdefault(m.group(axis), {k: row[k] for k in POINT_META if k in row})
-        point[m.group("engine")] = {k: row[k] for k in FIGURES if k in row}
+        point[m.group("engine")] = {k: row[k] for k in FIGURES + ("mIoU_per_seed",) if k in row}
     full_at = {q.get("iterations"): q for q in axes["at"].values()}
     for axis, whole in (("f", "100"), ("m", "0")):
         its = {q.get("iterations") for q in axes[axis].values()}
@@ -291,7 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "full run, whose point there is their 100 %% / 0-mask reference)")
     p.add_argument("--checkpoints", default="200,400,800,1200", help="iterations evaluated in the full run")
     p.add_argument("--fractions", default="0.25,0.5", help="fractions of the train images (boxes only)")
-    p.add_argument("--masks", default="10,25,50,100", help="numbers of corrected masks (all images)")
+    p.add_argument("--masks", default="10,25,50,100",
+                   help="numbers of corrected masks (all images); 'all': every instance with a mask")
+    p.add_argument("--seeds", default="", help="train each run once per seed (SEED <s>) and record the mean")
     p.add_argument("--runs", default="full,fractions,masks", help="which runs to train and evaluate now")
     p.add_argument("--engines", default=",".join(ENGINES), help=f"engine variants among {','.join(ENGINES)}")
     p.add_argument("--budget-min", type=float, default=120.0, help="CPU minutes the learned row may train")
@@ -305,7 +334,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         train, val = dataset_splits(args.data)
         checkpoints = sorted({int(x) for x in args.checkpoints.split(",") if x})
         fractions = [float(x) for x in args.fractions.split(",") if x]
-        masks = [int(x) for x in args.masks.split(",") if x]
+        n_with_mask = sum(1 for a in json.loads(train.json.read_text())["annotations"]
+                          if a.get("segmentation") and not a.get("iscrowd", 0))
+        masks = [n_with_mask if x == "all" else int(x) for x in args.masks.split(",") if x]
+        seeds = [int(x) for x in args.seeds.split(",") if x]
         runs = set(args.runs.split(","))
         engines_asked = tuple(e for e in ENGINES if e in args.engines.split(","))
     except (FileNotFoundError, ValueError) as e:
@@ -329,16 +361,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run(tag: str, fraction: float, n_masks: int, iters: int, evaluate_at: Sequence[int],
             ablation: bool = False) -> list[dict]:
+        if not seeds:
+            return run_seed(tag, fraction, n_masks, iters, evaluate_at, ablation, list(args.opts))
+        per_seed = [run_seed(f"{tag}-s{sd}", fraction, n_masks, iters, evaluate_at, ablation,
+                             list(args.opts) + ["SEED", str(sd)]) for sd in seeds]
+        points = [mean_point(list(qs), seeds, engines_asked + ABLATION) for qs in zip(*per_seed)]
+        for q in points:
+            print(f"[curve] {tag} @{q['iterations']}, mean of seeds {seeds}: " + ", ".join(
+                f"{e} {q[e]['mIoU']:.4f} {q[e]['mIoU_per_seed']}" for e in engines_asked if e in q), flush=True)
+        return points
+
+    def run_seed(tag: str, fraction: float, n_masks: int, iters: int, evaluate_at: Sequence[int],
+                 ablation: bool, opts: list[str]) -> list[dict]:
         out = work / tag
         counts = subset_json(train.json, out / "train.json", fraction, n_masks)
         print(f"[curve] {tag}: {counts['images']} images, {counts['boxes']} boxes, {counts['masks']} masks; "
               f"training {iters} iterations", flush=True)
         rec = train_run(out, args.config, train, out / "train.json", iters, min(period, iters), args.threads,
-                        args.opts)
+                        opts)
         points = []
         for it in evaluate_at:
             engines = engines_asked + (ABLATION if ablation and it == evaluate_at[-1] else ())
-            figs = evaluate_checkpoint(out, it, iters, val, engines, opts=args.opts)
+            figs = evaluate_checkpoint(out, it, iters, val, engines, opts=opts)
             point = {"iterations": it, "train_minutes_cpu": rec["cpu_s"] / 60.0 * it / rec["iterations"],
                      "n_train_images": counts["images"], "n_train_boxes": counts["boxes"],
                      "n_masks": counts["masks"], **figs}
@@ -371,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows[f"learned_{e}_f{round(100 * q['n_train_images'] / n_all)}"] = q
     for q in by_masks:
         for e in engines_asked:
-            rows[f"learned_{e}_m{q['n_masks']}"] = q
+            rows[f"learned_{e}_m{'all' if q['n_masks'] == n_with_mask else q['n_masks']}"] = q
     fitting = [q for q in curve if q["train_minutes_cpu"] <= args.budget_min]
     if fitting:
         rows["learned"] = fitting[-1]
@@ -381,7 +425,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row_name, q in rows.items():
         point_row = ROW_NAME.fullmatch(row_name)  # a curve point's row names its engine; learned* the best
         e = point_row.group("engine") if point_row else best_engine(q, engines_asked)
-        meta = {k: q[k] for k in POINT_META}
+        meta = {k: q[k] for k in POINT_META + SEED_META if k in q}
+        if "seeds" in q:
+            meta["n_seeds"] = len(q["seeds"])
         record_results(key, row_name, {**q[e], **meta, "engine": e}, command)
     # every point under the key, also those of earlier invocations (other --runs, run folders since deleted)
     plot(REPO_ROOT / "docs" / f"curve-{key}.png", key, *recorded_points(load_results()[key]), refs)

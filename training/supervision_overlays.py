@@ -192,14 +192,23 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(args.config, ["SOLVER.IMS_PER_BATCH", "1", "MODEL.MASK_SUPERVISION.WEIGHT", "1.0",
                                          *args.opts], train_json=str(js), train_images=str(train.images))
         objects = capture(cfg, args.views, args.seed, args.weights)
+    distinct, seen = [], set()
+    for o in objects:  # one positive per object (an object has several positives with one target)
+        key = (o["image"], o["target"].tobytes())
+        if key not in seen:
+            seen.add(key)
+            distinct.append(o)
+    objects = distinct
     reports = [object_report(o["target"], o["logits"], o["box_target"]) for o in objects]
     for o, r in zip(objects, reports):
         print(f"{Path(o['image']).name:24s} class {o['label']:3d} {json.dumps(r)}")
     if reports:
-        print("median IoU at the logits' offset", np.median([r["iou_at_0"] for r in reports]),
-              "| best shifts", sorted({tuple(r["best_shift"]) for r in reports}),
-              "| max box gap", max(r["box_gap_cells"] for r in reports),
-              "| cells outside the box target", sum(r["outside_box_cells"] for r in reports))
+        shifts = np.array([r["best_shift"] for r in reports])
+        print(f"{len(reports)} objects | median IoU at the logits' offset {np.median([r['iou_at_0'] for r in reports]):.3f}"
+              f" | median best shift (dy, dx) {np.median(shifts, axis=0).tolist()}"
+              f" | median gain of the best shift {np.median([r['iou_at_best'] - r['iou_at_0'] for r in reports]):.3f}"
+              f" | target cells outside the box target {sum(r['outside_box_cells'] for r in reports)} of "
+              f"{sum(r['target_cells'] for r in reports)}")
     draw(objects[: args.objects], Path(args.out))
     print("wrote", args.out)
     return 0

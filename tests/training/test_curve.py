@@ -65,3 +65,22 @@ def test_recorded_rows_give_back_the_points_the_plot_draws():
     assert [q["n_masks"] for q in masks] == [0, 25, 100] and masks[0]["vote"]["mIoU"] == 0.915
     table["learned_vote_m0"] = {**figs(0.916), **meta, "iterations": 600, "n_masks": 0}  # its own row wins
     assert recorded_points(table)[2][0]["vote"]["mIoU"] == 0.916
+
+
+def test_a_point_over_seeds_is_their_mean_and_keeps_each_seeds_miou():
+    """--seeds: one run per seed, the point the mean (so a curve over 0 → all masks shows its spread)."""
+    from training.curve import mean_point, recorded_points
+
+    def point(miou, ap, minutes):
+        return {"iterations": 600, "train_minutes_cpu": minutes, "n_train_images": 80, "n_train_boxes": 731,
+                "n_masks": 731, "map": {"mIoU": miou, "AP": ap, "n_boxes": 619}, "vote": {"mIoU": miou + 0.05}}
+
+    q = mean_point([point(0.60, 30.0, 40.0), point(0.70, 34.0, 50.0)], [1, 2], ("map", "vote", "whole"))
+    assert q["seeds"] == [1, 2] and q["train_minutes_cpu"] == 45.0 and "whole" not in q
+    assert q["map"]["mIoU"] == pytest.approx(0.65) and q["map"]["AP"] == pytest.approx(32.0)
+    assert q["map"]["mIoU_per_seed"] == [0.60, 0.70] and q["vote"]["mIoU_per_seed"] == [0.65, 0.75]
+    # recorded as learned_<engine>_mall, read back with the spread
+    row = {**q["map"], **{k: q[k] for k in ("iterations", "train_minutes_cpu", "n_train_images", "n_train_boxes",
+                                           "n_masks")}, "seeds": [1, 2], "n_seeds": 2}
+    masks = recorded_points({"learned_map_mall": row})[2]
+    assert masks[0]["n_masks"] == 731 and masks[0]["map"]["mIoU_per_seed"] == [0.60, 0.70]
