@@ -257,16 +257,16 @@ def add_sim_config(cfg: CN) -> CN:
 
     # ------------------------------------------------------------------ masks that annotators drew
     # Instances whose annotation carries "mask_supervised": true (training.data) are also trained on
-    # their mask: WEIGHT · (BCE_WEIGHT · BCE + DICE_WEIGHT · Dice) over their positives' mask logits,
-    # ``loss_mask`` (0 when a batch has none; WEIGHT 0 removes the loss). Not in the papers. WEIGHT 0.25: at 1.0
-    # 50 masks made every variant worse than boxes only (coco-mini-val2017 @600 map 0.507 vs 0.650, vote 0.695 vs
-    # 0.707; balloon-val and dsb2018-nuclei-val too, by less), the mask loss did not converge and doubled the colour
-    # pairwise loss of the box-only instances; at 0.25 (coco-mini/balloon @600, dsb2018 @800) the best variant equals
-    # boxes only (0.707 / 0.924 / 0.865 vs 0.707 / 0.924 / 0.867), coco-mini's map still loses (0.623 vs 0.650);
-    # balloon with 100 masks +0.007 (docs/benchmarks.md, "Masks that learn").
+    # their mask: WEIGHT · (BCE_WEIGHT · BCE + DICE_WEIGHT · Dice) over their positives' mask logits on the
+    # whole mask grid, ``loss_mask`` (0 when a batch has none; WEIGHT 0 removes the loss). Not in the papers;
+    # AdelaiDet's fully supervised CondInst trains its masks with Dice alone, weight 1. BCE_WEIGHT 0: with the
+    # BCE term the dynamic mask head collapsed to a constant output (one real view shown 150 times: IoU 0,
+    # the loss stuck at the entropy of the target's share; Dice alone: IoU 0.99 after 30 steps), so with every
+    # mask of coco-mini the map was 0.620 against 0.650 with boxes only (docs/benchmarks.md, "A model shown
+    # every mask"). The earlier WEIGHT 0.25 was chosen while that collapse held masks back.
     _c.MODEL.MASK_SUPERVISION = CN()
-    _c.MODEL.MASK_SUPERVISION.WEIGHT = 0.25
-    _c.MODEL.MASK_SUPERVISION.BCE_WEIGHT = 1.0
+    _c.MODEL.MASK_SUPERVISION.WEIGHT = 1.0
+    _c.MODEL.MASK_SUPERVISION.BCE_WEIGHT = 0.0
     _c.MODEL.MASK_SUPERVISION.DICE_WEIGHT = 1.0
     # A supervised instance learns from its mask alone (True), as in fully supervised CondInst: no BoxInst
     # projection/pairwise term and no SIM pseudo label on its positives (both contradict the mask: the pseudo

@@ -40,7 +40,8 @@ def test_a_continued_retrain_takes_the_schedule_colour_steps_and_mask_weight_fro
 
     old = build_config(DEFAULT_CONFIG, ["RETRAIN.MAX_ITER", "3000", "TEST.REFINE.ITERATIONS", "2",
                                         "TEST.REFINE.SHORT_SIDE", "96",
-                                        "MODEL.MASK_SUPERVISION.WEIGHT", "1.0",
+                                        "MODEL.MASK_SUPERVISION.WEIGHT", "0.25",
+                                        "MODEL.MASK_SUPERVISION.BCE_WEIGHT", "1.0",
                                         "TEST.VOTE.MAP_WEIGHT", "0.5", "SOLVER.BASE_LR", "0.123"])
     dumped = tmp_path / "config.yaml"
     dumped.write_text(old.dump())
@@ -51,6 +52,7 @@ def test_a_continued_retrain_takes_the_schedule_colour_steps_and_mask_weight_fro
     assert cfg.RETRAIN.MAX_ITER == recipe.RETRAIN.MAX_ITER != 3000 and cfg.RETRAIN.MIN_ITER == 150
     assert cfg.TEST.REFINE.ITERATIONS == recipe.TEST.REFINE.ITERATIONS != 2
     assert cfg.TEST.REFINE.SHORT_SIDE == recipe.TEST.REFINE.SHORT_SIDE != 96
-    assert cfg.MODEL.MASK_SUPERVISION.WEIGHT == recipe.MODEL.MASK_SUPERVISION.WEIGHT != 1.0
+    assert cfg.MODEL.MASK_SUPERVISION.WEIGHT == recipe.MODEL.MASK_SUPERVISION.WEIGHT != 0.25
+    assert cfg.MODEL.MASK_SUPERVISION.BCE_WEIGHT == recipe.MODEL.MASK_SUPERVISION.BCE_WEIGHT != 1.0
     assert cfg.TEST.VOTE.MAP_WEIGHT == recipe.TEST.VOTE.MAP_WEIGHT != 0.5
     assert cfg.SOLVER.BASE_LR == 0.123  # what the network was trained with stays the version's
